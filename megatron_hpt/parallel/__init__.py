@@ -1,0 +1,15 @@
+"""Process groups: torch.distributed and Megatron's model-parallel state.
+
+The only package that reads megatron's global ``parallel_state``; everything
+else receives sizes, ranks and groups from here.
+"""
+
+from megatron_hpt.parallel.config import ParallelConfig
+from megatron_hpt.parallel.state import (
+    ParallelState,
+    destroy_parallel,
+    init_parallel,
+    parallel_state,
+)
+
+__all__ = ["ParallelConfig", "ParallelState", "destroy_parallel", "init_parallel", "parallel_state"]

@@ -1,0 +1,62 @@
+"""The rollout-engine interface the trainer and eval use, whatever serves it."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+
+@dataclass(kw_only=True, frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    top_k: int = -1
+    """Keep the k most likely tokens; -1 keeps all."""
+    max_new_tokens: int = 8192
+    """Longest response; a response cut here finishes with reason "length"."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that end a response besides the model's EOS."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Completion:
+    """One generated response."""
+
+    output_ids: list[int]
+    output_logprobs: list[float]
+    """log_softmax(logits / temperature) of each output token, as SGLang reports it."""
+    finish_reason: str
+    """"stop", "length" or "abort"."""
+    meta: dict = field(default_factory=dict)
+
+
+class RolloutEngine(abc.ABC):
+    """Generates n completions per prompt and takes new weights."""
+
+    @abc.abstractmethod
+    def generate(
+        self, prompts: list[list[int]], n: int, params: SamplingParams, seed: int
+    ) -> list[list[Completion]]:
+        """n completions for each prompt, as result[prompt][sample]. Sample j of prompt i
+        uses a seed derived from (seed, i, j), so results do not depend on batching."""
+
+    @abc.abstractmethod
+    def update_weights_from_disk(self, path: str, version: str) -> None:
+        """Load HF-format weights written by the trainer at ``path``."""
+
+    @abc.abstractmethod
+    def healthy(self) -> bool:
+        """True when every server answers."""
+
+    def close(self) -> None:
+        """Stop what this engine started."""
