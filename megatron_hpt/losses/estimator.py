@@ -409,12 +409,39 @@ def unified_loss(
             kl_term = cfg.kl_coef * mean_kl
 
     loss = pg + sft + ent_term + kl_term
+    # the same keys on every micro-batch and rank, whatever rows it holds, so they can be all-reduced
+    for key in _metric_keys(cfg, inputs):
+        metrics.setdefault(key, torch.zeros((), dtype=dtype, device=device))
     metrics["loss/pg"] = pg.detach()
     metrics["loss/sft"] = sft.detach()
     metrics["loss/entropy"] = ent_term.detach()
     metrics["loss/kl"] = kl_term.detach()
     metrics["loss/total"] = loss.detach()
     return loss, metrics
+
+
+def _metric_keys(cfg: LossConfig, x: LossInputs) -> list[str]:
+    """The metric keys ``unified_loss`` reports for this config and these optional inputs."""
+    keys = ["loss/pg", "loss/sft", "loss/entropy", "loss/kl", "loss/total"]
+    if cfg.uses_ratio:
+        keys += ["ratio/mean", "ratio/max", "actor/ppo_kl"]
+    if cfg.clip in ("ppo", "cispo"):
+        keys += ["clip/frac_high", "clip/frac_low"]
+    if cfg.clip_ratio_c is not None:
+        keys.append("clip/frac_dual")
+    if x.rollout_logp is not None:
+        keys += ["rollout/logp_gap", "rollout/logp_gap_abs", "rollout/kl_k3"]
+        if cfg.tis_cap is not None:
+            keys += ["tis/weight_mean", "tis/clip_frac", "tis/weight_max"]
+    if cfg.off_policy_rows:
+        keys.append("off_policy/prob_mean")
+    if cfg.sft_rows and cfg.sft_weight > 0:
+        keys.append("actor/sft_nll")
+    if x.entropy is not None:
+        keys.append("actor/entropy")
+    if x.ref_logp is not None:
+        keys.append("actor/kl_ref")
+    return keys
 
 
 def _on_policy_surrogate(

@@ -15,6 +15,21 @@ code, as the paper's runs did:
   demonstration tokens with coefficient 1.0; entropy bonus 0.001 on all rows.
 - LUFFY and SRFT, as the HPT authors ran them (``train_luffy.sh``,
   ``train_srft.sh``), use the same no-std, no-clip, token-sum / constant setting.
+
+Normalization in that code, and what this package does instead: its actor
+(``mix_actor.py``, verl) computes each term per MICRO-batch -- the policy-gradient
+sum over the micro-batch's RL tokens / 8192, the SFT loss as the mean over the
+micro-batch's SFT tokens (skipped when it has none), the entropy as the mean over
+all its tokens -- adds the micro-batches' losses without dividing by their number
+(mini = micro batch size, so ``gradient_accumulation`` is 1, while dynamic batching at
+32,768 tokens per GPU makes several micro-batches), and FSDP averages gradients over
+the 8 data-parallel ranks. Its effective objective therefore depends on how the batch
+is split: the policy gradient is the global token sum / (8192 x 8), while the SFT and
+entropy terms are per-micro-batch means summed over a rank's micro-batches. This
+package keeps the per-term forms (token sum / constant, token means) but normalizes
+each over the whole mini-batch (``LossNormalizers``), so the gradient is the same
+however the batch is split; ``constant_normalizer`` is the caller's choice (8192 as
+in DESIGN.md; 65,536 = 8192 x 8 reproduces the code's policy-gradient scale).
 """
 
 from __future__ import annotations

@@ -157,7 +157,9 @@ def vocab_parallel_logprobs(
 
     Args:
         logits: [..., V/tp] this tensor-parallel rank's slice of the vocabulary (Megatron's equal
-            split: rank r holds ids [r * V/tp, (r + 1) * V/tp)), any float dtype. Not modified.
+            split: rank r holds ids [r * V/tp, (r + 1) * V/tp)), any float dtype. Not modified. Pass
+            it contiguous, in the layout of ``targets`` (Megatron's [S, B, V/tp] with targets [S, B]);
+            a transposed view would be copied.
         targets: [...] global token ids (the token predicted at each position); ``ignore_index``
             marks positions without a target (their log-prob is 0, with no gradient).
         tp_group: the tensor-parallel process group the vocabulary is split over; None (or a group
