@@ -241,16 +241,44 @@ class MegatronPolicy(_StageModel):
         ref_logp: dict[int, torch.Tensor] | None = None,
         constant_normalizer: float = 8192.0,
     ) -> tuple[StepResult, dict[str, float]]:
-        """One optimizer step on a mini-batch. ``minibatch`` holds every row index of the
-        mini-batch (for the global normalizers); ``local`` the ones this DP rank trains on.
-        Log-prob dicts hold per-response-token tensors by row index (last stage only)."""
+        """One optimizer step on a mini-batch (see ``backward_minibatch`` for the arguments)."""
+        metrics = self.backward_minibatch(
+            rows, minibatch, local, loss_config, temperature=temperature,
+            old_logp=old_logp, ref_logp=ref_logp, constant_normalizer=constant_normalizer,
+        )
+        result = self._optimizer_step()
+        metrics.update(
+            {
+                "train/grad_norm": result.grad_norm,
+                "train/skipped": float(not result.updated),
+                "train/lr": self.lr,
+            }
+        )
+        return result, metrics
+
+    def backward_minibatch(
+        self,
+        rows: Sequence[TrainRow],
+        minibatch: Sequence[int],
+        local: Sequence[int],
+        loss_config: LossConfig,
+        *,
+        temperature: float,
+        old_logp: dict[int, torch.Tensor] | None = None,
+        ref_logp: dict[int, torch.Tensor] | None = None,
+        constant_normalizer: float = 8192.0,
+    ) -> dict[str, float]:
+        """Forward and backward of a mini-batch through megatron's schedule, leaving the
+        finalized gradients (DP-reduced) in the DDP buffers. ``minibatch`` holds every row
+        index of the mini-batch (for the global normalizers); ``local`` the ones this DP
+        rank trains on. Log-prob dicts hold per-response-token tensors by row index
+        (needed on the last stage only)."""
         norms = normalizers_for(rows, minibatch, constant_normalizer)
-        total = norms.num_tokens
         microbatches = self._microbatches(rows, local, {"old_logp": old_logp or {}, "ref_logp": ref_logp or {}})
         step = train_forward_step(
             loss_config=loss_config,
             normalizers=norms,
-            total_loss_tokens=total,
+            total_loss_tokens=norms.num_tokens,
             tp_group=self.st.tp_group,
             temperature=temperature,
             chunk_rows=self.step_cfg.logprob_chunk_rows,
@@ -260,16 +288,7 @@ class MegatronPolicy(_StageModel):
         self.optimizer.zero_grad()
         self.module.train()
         losses = run_schedule(self.ddp, microbatches, step, forward_only=False)
-        result = self._optimizer_step()
-        metrics = reduce_step_metrics(losses, self.st)
-        metrics.update(
-            {
-                "train/grad_norm": result.grad_norm,
-                "train/skipped": float(not result.updated),
-                "train/lr": self.lr,
-            }
-        )
-        return result, metrics
+        return reduce_step_metrics(losses, self.st)
 
     def _optimizer_step(self) -> StepResult:
         """megatron's optimizer step, with the update skipped when the grad norm is not

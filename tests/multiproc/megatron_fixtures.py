@@ -2,50 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-import torch.distributed as dist
 
-
-def full_layout_of(hf_dir: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    from megatron_hpt.models import load_hf_config
-    from megatron_hpt.models.weights import hf_to_full_layout
-
-    hf = load_hf_config(hf_dir)
-    tensors = {}
-    for f in sorted(Path(hf_dir).glob("*.safetensors")):
-        tensors.update(load_file(f))
-    return dict(hf_to_full_layout(hf, tensors.__getitem__))
+from megatron_hpt.training.hf_weights import gather_stage_full_layout
 
 
 def build_loaded_model(hf_dir: str, tp: int, pp: int, **overrides):
     from megatron_hpt.models import ModelConfig, build_gpt_model, load_hf_config
-    from megatron_hpt.models.weights import load_full_layout
     from megatron_hpt.parallel import ParallelConfig, init_parallel
+    from megatron_hpt.training.hf_weights import load_hf_weights
 
     st = init_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
     hf = load_hf_config(hf_dir)
     model = build_gpt_model(hf, ModelConfig(hf_path=hf_dir), tp=tp, pp=pp, pp_rank=st.pp_rank, **overrides)
-    full = full_layout_of(hf_dir)
-    load_full_layout(model, full.__getitem__, tp_rank=st.tp_rank, tp_size=tp, pp_rank=st.pp_rank)
+    load_hf_weights(model, st, hf, hf_dir)
     return st, model
-
-
-def gather_full(st, model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full-layout (global names, TP-merged) copies of this stage's tensors."""
-    from megatron_hpt.models.weights import layer_offset, local_to_global, role_of, tp_merge
-
-    offset = layer_offset(model, st.pp_rank)
-    out = {}
-    for name, t in tensors.items():
-        global_name, role = role_of(local_to_global(name, offset))
-        shards = [torch.empty_like(t) for _ in range(st.tp_size)]
-        dist.all_gather(shards, t.contiguous(), group=st.tp_group)
-        out[global_name] = tp_merge(shards, role)
-    return out
 
 
 def lm_batches(vocab: int, num_microbatches: int, batch: int, seq: int, seed: int = 0):
@@ -73,7 +44,7 @@ def loss_and_grads(hf_dir: str, tp: int, pp: int, num_microbatches: int):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     st, model = build_loaded_model(hf_dir, tp, pp)
-    batches = lm_batches(model.config.hidden_size and 512, num_microbatches, 2, 24)
+    batches = lm_batches(512, num_microbatches, 2, 24)
     seq = batches[0].shape[1] - 1
     losses = get_forward_backward_func()(
         forward_step_func=lm_forward_step,
@@ -84,7 +55,7 @@ def loss_and_grads(hf_dir: str, tp: int, pp: int, num_microbatches: int):
         micro_batch_size=2,
         forward_only=False,
     )
-    grads = gather_full(st, model, {n: p.grad for n, p in model.named_parameters()})
+    grads = gather_stage_full_layout(model, st, {n: p.grad for n, p in model.named_parameters()})
     loss = None
     if st.is_last_stage:
         total = torch.stack([x["lm_loss"] for x in losses]).sum(0)
@@ -135,5 +106,5 @@ def optimizer_step(hf_dir: str, tp: int, use_distributed_optimizer: bool, dp_spl
         forward_only=False,
     )
     ok, grad_norm, _ = opt.step()
-    weights = gather_full(st, model, {n: p.detach() for n, p in model.named_parameters()})
+    weights = gather_stage_full_layout(model, st)
     return {"ok": ok, "grad_norm": grad_norm, "weights": weights if st.rank == 0 else {}}
