@@ -328,6 +328,12 @@ class SGLangEngine(RolloutEngine):
         finally:
             self.end_weight_update()
 
+    def close_weight_sync(self) -> None:
+        """Destroys the weight-update groups this process opened (both ends)."""
+        for sender in self._senders.values():
+            sender.close()
+        self._senders.clear()
+
     def release_memory(self) -> None:
         self._all("/release_memory_occupation")
 
@@ -341,9 +347,7 @@ class SGLangEngine(RolloutEngine):
         return all(code == 200 for code in self._run(go()))
 
     def close(self) -> None:
-        for sender in self._senders.values():
-            sender.close()
-        self._senders.clear()
+        self.close_weight_sync()
         if self._thread.is_alive():
             async def shutdown():
                 for s in self._servers:
