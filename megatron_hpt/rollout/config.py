@@ -36,6 +36,10 @@ class RolloutConfig:
     """Most sequences an own server decodes together."""
     sglang_python: str = ".venv-sglang/bin/python"
     """Python of the environment that has sglang (make sglang-cpu builds .venv-sglang)."""
+    sglang_deterministic: bool = True
+    """Launch SGLang with --enable-deterministic-inference on GPU: SGLang 0.5.23 applies
+    sampling_seed only then (the per-sample seeds that make rollouts reproducible). Its
+    CPU torch_native backend refuses the flag, so on CPU seeds are ignored by real SGLang."""
     sglang_extra_args: tuple[str, ...] = ()
     """Further sglang.launch_server arguments, e.g. ("--mem-fraction-static", "0.5")."""
     log_dir: str | None = None

@@ -200,6 +200,8 @@ def sglang_server_command(cfg: RolloutConfig, model_path: str, port: int) -> tup
         cmd += list(SGLANG_CPU_ARGS)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(STUBS_DIR), env.get("PYTHONPATH", "")) if p)
         env.setdefault("OMP_NUM_THREADS", str(cfg.server_threads))
+    elif cfg.sglang_deterministic:
+        cmd.append("--enable-deterministic-inference")
     cmd += list(cfg.sglang_extra_args)
     return cmd, env
 
