@@ -160,10 +160,14 @@ class ServerState:
         torch.set_num_threads(self.args.threads)
         while True:
             batch = [self.queue.get()]
-            time.sleep(self.args.batch_wait_ms / 1000.0)  # let concurrent requests join the batch
-            while len(batch) < self.args.max_batch_size:
+            # Requests sent together arrive over a few milliseconds (each is parsed on the
+            # HTTP thread): keep collecting until none came for batch_wait_ms, so they
+            # decode as one batch instead of queueing behind each other.
+            quiet_s = self.args.batch_wait_ms / 1000.0
+            deadline = time.monotonic() + 50 * quiet_s
+            while len(batch) < self.args.max_batch_size and time.monotonic() < deadline:
                 try:
-                    batch.append(self.queue.get_nowait())
+                    batch.append(self.queue.get(timeout=quiet_s))
                 except queue.Empty:
                     break
             while self.paused.is_set():
@@ -704,7 +708,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--context-length", type=int, default=None, help="defaults to the model's max_position_embeddings")
     p.add_argument("--max-batch-size", type=int, default=256, help="most sequences decoded together")
-    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long the worker waits for more requests to batch")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="a batch closes once no request came for this long")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (more only on cores nobody else uses)")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--log-level", default="warning")
