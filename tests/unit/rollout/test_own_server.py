@@ -195,7 +195,7 @@ def _generate_in_thread(url, body, out):
 
 
 def test_abort_all_and_pause_continue(url, contract):
-    long_body = {"input_ids": [PROMPTS[0]] * 4, "sampling_params": {"temperature": 1.0, "max_new_tokens": 900, "ignore_eos": True}}
+    long_body = {"input_ids": [PROMPTS[0]] * 4, "sampling_params": {"temperature": 1.0, "max_new_tokens": 1000, "ignore_eos": True}}
     out: list = []
     t = threading.Thread(target=_generate_in_thread, args=(url, long_body, out))
     t.start()
@@ -206,7 +206,7 @@ def test_abort_all_and_pause_continue(url, contract):
     assert status == 200
     contract.check_reply(reply)
     assert all(r["meta_info"]["finish_reason"]["type"] == "abort" for r in reply)
-    assert all(len(r["output_ids"]) < 900 for r in reply)
+    assert all(len(r["output_ids"]) < 1000 for r in reply)
 
     # in_place pause: the request waits, then finishes normally after continue.
     assert post(url, "/pause_generation", {"mode": "in_place"})[0] == 200
