@@ -7,3 +7,12 @@ and config (typed configs, recipes, registries).
 """
 
 __version__ = "0.1.0"
+
+import warnings as _warnings
+
+# TE and apex are optional (GPU extras); megatron-core warns at import when they are
+# absent, on every rank. The README says what each one adds.
+_warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
+_warnings.filterwarnings("ignore", message=r".*Apex is not installed.*")
+_warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
+_warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")

@@ -1,5 +1,6 @@
-"""Shared session fixtures: the tiny HF models and their converted checkpoints
-(created once per test session; conversions are reused by unit and multi-rank tests)."""
+"""Shared session fixtures: the tiny HF checkpoints every stage's tests use, and
+their converted dist checkpoints (created once per session and reused by unit
+and multi-rank tests)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ LLAMA3_ROPE_SCALING = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
 }
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory):
+    """The embedded default model (random-init Qwen2 with a local tokenizer)."""
+    from megatron_hpt.models.tiny import create_tiny_model
+
+    return create_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"))
 
 
 @pytest.fixture(scope="session")

@@ -285,9 +285,33 @@ def build_gpt_model(
     )
     if rope.inv_freq is not None:
         model.rotary_pos_emb.inv_freq = rope.inv_freq.to(model.rotary_pos_emb.inv_freq.device)
+    mark_tensor_parallel_params(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def mark_tensor_parallel_params(model) -> None:
+    """Set megatron's TP attributes on split weights.
+
+    megatron sets ``tensor_model_parallel`` / ``partition_dim`` only inside its
+    weight initializers, which are skipped with ``perform_initialization=False``
+    (weights come from checkpoints). Without them, grad-norm clipping and the
+    distributed optimizer treat split weights as TP duplicates and count only
+    TP rank 0's shard.
+    """
+    from megatron.core import tensor_parallel as mtp
+
+    split_dim = {
+        mtp.ColumnParallelLinear: 0,
+        mtp.RowParallelLinear: 1,
+        mtp.VocabParallelEmbedding: 0,
+    }
+    for module in model.modules():
+        for cls, dim in split_dim.items():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, cls) and weight is not None:
+                mtp.set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
 def arch_spec(hf) -> ArchSpec:

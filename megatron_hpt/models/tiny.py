@@ -112,7 +112,10 @@ def build_hf_config(spec: TinyModelSpec, tokenizer):
         initializer_range=spec.init_std,
         rms_norm_eps=1e-6,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        # No pad_token_id in the model config: HF would make it the embedding's
+        # padding_idx (a zero row that gets no gradient), which Megatron does not
+        # model. Padding is masked out of every loss instead.
+        pad_token_id=None,
         bos_token_id=None,
     )
     if spec.architecture == "Qwen2ForCausalLM":

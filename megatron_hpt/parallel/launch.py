@@ -8,6 +8,7 @@ without torchrun: each rank gets the torchrun environment variables, runs
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_mod
 import socket
 import time
@@ -33,11 +34,17 @@ def _worker(rank, world_size, port, threads, fn, args, queue):
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     import torch
 
     torch.set_num_threads(threads)
     try:
-        result = fn(*args)
+        # Plain pickle copies tensor data; the queue's own pickler would pass shared
+        # memory that dies with this process before the parent reads it.
+        result = pickle.dumps(fn(*args))
         queue.put((rank, True, result))
     except BaseException:  # the parent re-raises it with the rank's traceback
         queue.put((rank, False, traceback.format_exc()))
@@ -94,7 +101,7 @@ def run_ranks(
                     errors.append(f"ranks did not finish within {timeout_s:.0f} s")
                 continue
             if ok:
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
     finally:

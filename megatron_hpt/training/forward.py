@@ -1,0 +1,120 @@
+"""The forward steps handed to megatron's ``forward_backward_func``: forward-only
+log-probs (policy, old policy, reference) and the training step's loss.
+
+Loss scaling contract (why ``loss * total_loss_tokens``): with
+``calculate_per_token_loss`` megatron sums what each micro-batch's loss function
+returns, all-reduces the returned token counts over data-parallel ranks, and
+divides the gradients by that total. The estimator already returns each
+micro-batch's contribution to the globally normalized objective, so multiplying it
+by the global loss-token count makes megatron's division cancel out: gradients are
+exactly those of the objective, however the batch is split into micro-batches,
+data-parallel ranks and pipeline stages.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Iterable
+
+import torch
+
+from megatron_hpt.losses import LossConfig, LossInputs, LossNormalizers, unified_loss
+from megatron_hpt.training.batching import MicroBatch
+from megatron_hpt.training.logprobs import vocab_parallel_logprobs
+
+
+def run_schedule(model, microbatches: list[MicroBatch], forward_step, *, forward_only: bool):
+    """One megatron ``forward_backward_func`` call over the given micro-batches."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not microbatches:
+        return []
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(microbatches),
+        model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=max(mb.tokens.shape[1] for mb in microbatches),
+        micro_batch_size=max(mb.tokens.shape[0] for mb in microbatches),
+        forward_only=forward_only,
+    )
+
+
+def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
+    if device.type == "cpu":
+        return mb
+    fields = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in vars(mb).items()}
+    return MicroBatch(**fields)
+
+
+def logprob_forward_step(
+    *,
+    tp_group,
+    temperature: float,
+    chunk_rows: int,
+    with_entropy: bool,
+    sink: list,
+    device: torch.device,
+    autocast: Callable[[], object] = nullcontext,
+):
+    """A forward step that records (micro-batch, log-probs [B, T], entropy [B, T] | None)
+    in ``sink`` on the last pipeline stage."""
+
+    def forward_step(data_iterator: Iterable[MicroBatch], model):
+        mb = _to_device(next(data_iterator), device)
+        with autocast():
+            output = model(mb.tokens, mb.position_ids, None)
+
+        def loss_func(logits):
+            logp, entropy = vocab_parallel_logprobs(
+                logits, mb.targets, tp_group=tp_group, temperature=temperature, chunk_rows=chunk_rows
+            )
+            sink.append((mb, logp.float().cpu(), entropy.float().cpu() if with_entropy else None))
+            return torch.zeros((), device=logits.device), {}
+
+        return output, loss_func
+
+    return forward_step
+
+
+def train_forward_step(
+    *,
+    loss_config: LossConfig,
+    normalizers: LossNormalizers,
+    total_loss_tokens: int,
+    tp_group,
+    temperature: float,
+    chunk_rows: int,
+    device: torch.device,
+):
+    """A forward step whose loss is the unified estimator on the micro-batch's rows."""
+
+    needs_entropy = loss_config.entropy_coef != 0.0 or loss_config.entropy_aware_weights is not None
+
+    def forward_step(data_iterator: Iterable[MicroBatch], model):
+        mb = _to_device(next(data_iterator), device)
+        output = model(mb.tokens, mb.position_ids, None)
+
+        def loss_func(logits):
+            logp, entropy = vocab_parallel_logprobs(
+                logits, mb.targets, tp_group=tp_group, temperature=temperature, chunk_rows=chunk_rows
+            )
+            inputs = LossInputs(
+                logp=logp,
+                mask=mb.loss_mask,
+                advantages=mb.advantages,
+                entropy=entropy if needs_entropy else entropy.detach(),
+                old_logp=mb.old_logp,
+                ref_logp=mb.ref_logp,
+                rollout_logp=mb.rollout_logp,
+                is_sft=mb.is_sft,
+                off_policy=mb.off_policy,
+            )
+            loss, metrics = unified_loss(loss_config, inputs, normalizers)
+            num_tokens = torch.tensor(mb.num_loss_tokens, dtype=torch.int, device=logits.device)
+            reported = {k: v.detach().float() for k, v in metrics.items()}
+            return loss * total_loss_tokens, num_tokens, reported
+
+        return output, loss_func
+
+    return forward_step
