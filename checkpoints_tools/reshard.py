@@ -1,6 +1,6 @@
 """Megatron dist checkpoint at one TP/PP -> model checkpoint for another TP/PP.
 
-    python -m checkpoints_tools.reshard SRC_DIR OUT_DIR --tp 1 --pp 2
+    python -m checkpoints_tools.reshard SRC_DIR OUT_DIR --tp 1 --pp 2 [--hf-config-dir DIR]
         [--dtype bf16] [--no-verify] [--atol 1e-4] [--rtol 1e-4] [--overwrite]
 
 What is true of the format decides what this does. Model weights in a
@@ -35,6 +35,7 @@ def reshard_checkpoint(
     *,
     tp: int,
     pp: int,
+    hf_config_dir: str | Path | None = None,
     dtype: str | None = None,
     verify: bool = True,
     atol: float = DEFAULT_ATOL,
@@ -42,7 +43,10 @@ def reshard_checkpoint(
     overwrite: bool = False,
     log=print,
 ) -> dict:
-    """Rewrite the model weights of ``src_dir`` into ``out_dir`` for a TP x PP layout."""
+    """Rewrite the model weights of ``src_dir`` into ``out_dir`` for a TP x PP layout.
+
+    ``hf_config_dir`` gives the HF config/tokenizer for checkpoints that do not
+    carry their own ``hf/`` (the trainer's step checkpoints)."""
     from megatron_hpt.models import load_hf_config
     from megatron_hpt.models.builder import check_parallel_layout
     from megatron_hpt.models.checkpoint import (
@@ -63,8 +67,11 @@ def reshard_checkpoint(
 
     start = time.perf_counter()
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    src_meta = read_checkpoint_metadata(src_dir)
-    config_dir = checkpoint_hf_dir(src_dir)
+    try:
+        src_written_at = read_checkpoint_metadata(src_dir).get("written_at")
+    except FileNotFoundError:  # a checkpoint saved without our metadata (the trainer's)
+        src_written_at = None
+    config_dir = Path(hf_config_dir) if hf_config_dir else checkpoint_hf_dir(src_dir)
     hf = load_hf_config(config_dir)
     check_parallel_layout(hf, tp, pp)
     layout = CheckpointLayout.from_hf(hf)
@@ -88,7 +95,7 @@ def reshard_checkpoint(
                 "pipeline_model_parallel_size": 1,
                 "writer": "checkpoints_tools.reshard (full layout, one process)",
             },
-            source={"kind": "megatron", "path": str(src_dir.resolve()), "written_at": src_meta.get("written_at")},
+            source={"kind": "megatron", "path": str(src_dir.resolve()), "written_at": src_written_at},
             target_layout={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
             verification=None,
         )
@@ -125,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="output dist checkpoint (must not exist unless --overwrite)")
     p.add_argument("--tp", type=int, required=True, help="target tensor-parallel size")
     p.add_argument("--pp", type=int, required=True, help="target pipeline-parallel size")
+    p.add_argument("--hf-config-dir", default=None,
+                   help="HF directory with config/tokenizer (default: the checkpoint's own hf/)")
     p.add_argument("--dtype", default=None, help="cast weights to fp32/bf16/fp16 (default: keep)")
     p.add_argument("--no-verify", action="store_true", help="skip the logit check at the target layout")
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="verification: absolute logit tolerance")
@@ -137,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         reshard_checkpoint(
-            args.src_dir, args.out_dir, tp=args.tp, pp=args.pp, dtype=args.dtype, verify=not args.no_verify,
+            args.src_dir, args.out_dir, tp=args.tp, pp=args.pp, hf_config_dir=args.hf_config_dir,
+            dtype=args.dtype, verify=not args.no_verify,
             atol=args.atol, rtol=args.rtol, overwrite=args.overwrite,
         )
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:

@@ -317,7 +317,3 @@ def load_model_checkpoint(
     if missing or unexpected:
         raise CheckpointMismatch(f"{ckpt}: model state mismatch: missing {missing}, unexpected {unexpected}")
     return loaded
-
-
-def model_dtype(model) -> torch.dtype:
-    return next(unwrap_model(model).parameters()).dtype

@@ -192,3 +192,37 @@ def test_reader_reads_every_role_bit_exactly(tiny_hf_models, converted_checkpoin
                     assert torch.equal(got, want), (role, layer)
     assert not expected
     assert (converted_checkpoints["llama"] / METADATA_FILE).is_file()
+
+
+def test_trainer_style_checkpoint_converts_with_an_explicit_config(tiny_hf_models, converted_checkpoints, tmp_path):
+    """A checkpoint as the trainer saves it (model + optimizer state + counters, no
+    hf/ and no metadata file) converts to HF and reshards when given the config."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from safetensors.torch import load_file
+
+    from checkpoints_tools import convert_megatron_to_hf, reshard_checkpoint
+
+    hf_dir = tiny_hf_models["qwen2"]
+    hf = load_hf_config(hf_dir)
+    trainer_ckpt = tmp_path / "step_000003"
+    trainer_ckpt.mkdir()
+    with one_rank():
+        model = build_gpt_model(hf, ModelConfig(hf_path=str(hf_dir)))
+        load_model_checkpoint(model, converted_checkpoints["qwen2"])
+        state = {
+            "model": model.sharded_state_dict(),
+            "optimizer": {"exp_avg": ShardedTensor.from_rank_offsets("optimizer.exp_avg", torch.ones(8), replica_id=0)},
+            "step": 3,
+        }
+        dist_checkpointing.save(state, str(trainer_ckpt))
+    with pytest.raises(FileNotFoundError, match="pass the HF directory"):
+        convert_megatron_to_hf(trainer_ckpt, tmp_path / "hf", verify=False, log=lambda *_: None)
+    convert_megatron_to_hf(trainer_ckpt, tmp_path / "hf", hf_config_dir=hf_dir, verify=False, log=lambda *_: None)
+    original, back = load_file(str(hf_dir / "model.safetensors")), load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert set(original) == set(back) and all(torch.equal(back[k], v) for k, v in original.items())
+    reshard_checkpoint(trainer_ckpt, tmp_path / "r", tp=2, pp=2, hf_config_dir=hf_dir, verify=False,
+                       log=lambda *_: None)
+    manifest = read_checkpoint_metadata(tmp_path / "r")["manifest"]
+    assert not any(key.startswith("optimizer") for key in manifest)  # only model weights are carried over
+    assert read_checkpoint_metadata(tmp_path / "r")["source"]["written_at"] is None
