@@ -8,11 +8,10 @@ settings (DESIGN.md §1); recipes in ``megatron_hpt/recipes`` change what differ
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from megatron_hpt.config import ConfigError, apply_overrides, config_from_dict, load_recipe
+from megatron_hpt.config import apply_overrides, config_from_dict, config_to_dict, load_recipe
 from megatron_hpt.data.dataset import DatasetConfig
 from megatron_hpt.eval import EvalConfig
 from megatron_hpt.losses import LossConfig, SwitchConfig, get_preset
@@ -41,11 +40,8 @@ class AlgorithmConfig:
     "auto" loads it only when the loss has kl_coef > 0."""
 
     def loss_config(self) -> LossConfig:
-        base = get_preset(self.preset)
-        try:
-            return dataclasses.replace(base, **self.overrides)
-        except TypeError as e:
-            raise ConfigError(f"algorithm.overrides: {e}") from None
+        base = config_to_dict(get_preset(self.preset))
+        return config_from_dict(LossConfig, {**base, **self.overrides}, "algorithm.overrides")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -111,13 +107,12 @@ class RunConfig:
     """Data-parallel ranks when the run starts its own ranks (world = TP x PP x DP); under
     torchrun the world size decides and must equal TP x PP x this."""
     data: DatasetConfig
-    eval_data: dict[str, DatasetConfig] = field(default_factory=dict)
-    """Held-out sets by benchmark name (e.g. {math500: {path: ...}})."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out benchmarks and sampling settings (paper: T 0.6, top_p 0.95, 8192 tokens)."""
     eval_every: int = 10
     """Evaluate every this many steps (paper: 10), before the first step and at the end; 0 disables."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

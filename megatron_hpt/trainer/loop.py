@@ -14,8 +14,6 @@ so the step's rows are broadcast from rank 0. One step reads like the paper:
 
 from __future__ import annotations
 
-import math
-import os
 import signal
 import time
 from contextlib import contextmanager
@@ -26,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_hpt.config import dump_yaml
-from megatron_hpt.data.types import Sample, TrainBatch
+from megatron_hpt.data.types import TrainBatch
 from megatron_hpt.parallel import ParallelState, destroy_parallel, init_parallel
 from megatron_hpt.trainer.config import RunConfig
 from megatron_hpt.trainer.rows import build_rows, row_policy_for
@@ -190,7 +188,7 @@ class Trainer:
     def save(self) -> None:
         extra = self.world.state_dict() if self.is_rank0 else {}
         save_checkpoint(self.run_dir / "checkpoints", self.step, self.policy, self.st, extra,
-                        keep_last=self.cfg.checkpoint.keep_last)
+                        keep_last=self.cfg.checkpoint.keep_last, hf_dir=self.cfg.model.hf_path)
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -271,9 +269,3 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
     finally:
         trainer.close()
 
-
-def finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
-__all__ = ["Trainer", "run_training", "Sample"]
