@@ -30,7 +30,12 @@ from megatron_hpt.trainer.config import RunConfig
 from megatron_hpt.trainer.rows import build_rows, row_policy_for
 from megatron_hpt.training.batching import balanced_split, minibatch_split
 from megatron_hpt.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from megatron_hpt.training.hf_weights import load_hf_weights, write_hf_checkpoint
+from megatron_hpt.training.hf_weights import (
+    full_layout_stage_to_hf,
+    gather_stage_full_layout,
+    load_hf_weights,
+    write_hf_checkpoint,
+)
 from megatron_hpt.training.policy import FrozenModel, MegatronPolicy, row_lengths
 
 
@@ -90,6 +95,7 @@ class Trainer:
         self.stop = StopRequested()
         self.step = 0
         self.sync_dir = self.run_dir / "weights_sync"
+        self._weight_sender = None
 
         from megatron_hpt.models import load_hf_config
 
@@ -181,6 +187,9 @@ class Trainer:
             if self.is_rank0:
                 self.world.finish()
         finally:
+            if self._weight_sender is not None:
+                self._weight_sender.close()
+                self._weight_sender = None
             if self.is_rank0 and self.world is not None:
                 self.world.close()
         return last
@@ -255,9 +264,35 @@ class Trainer:
         return metrics
 
     def _sync_weights(self) -> None:
+        """Push the policy's weights to the rollout servers (version = the step)."""
+        if self.cfg.rollout.weight_sync == "distributed":
+            self._sync_weights_distributed()
+            return
         write_hf_checkpoint(self.policy.module, self.st, self.hf_config, self.sync_dir, self.cfg.model.hf_path)
         if self.is_rank0:
             self.world.engine.update_weights_from_disk(str(self.sync_dir.resolve()), version=str(self.step))
+
+    def _sync_weights_distributed(self) -> None:
+        """Each pipeline stage broadcasts its own layers to the servers over a weight-update
+        process group (NCCL on GPUs, gloo on CPU), in size-bounded buckets; no disk."""
+        from megatron_hpt.rollout import DistributedWeightSender
+
+        targets = None
+        if self.is_rank0:
+            self.world.engine.begin_weight_update()
+            targets = [self.world.engine.weight_sync_target(stage) for stage in range(self.st.pp_size)]
+        targets = _broadcast(targets)
+        if self.st.dp_rank == 0:
+            full = gather_stage_full_layout(self.policy.module, self.st)
+            if self.st.tp_rank == 0:
+                if self._weight_sender is None:
+                    self._weight_sender = DistributedWeightSender(targets[self.st.pp_rank])
+                    self._weight_sender.open()
+                self._weight_sender.send(full_layout_stage_to_hf(full, self.hf_config).items(), str(self.step))
+        if dist.is_initialized():
+            dist.barrier()
+        if self.is_rank0:
+            self.world.engine.end_weight_update()
 
     def close(self) -> None:
         destroy_parallel()

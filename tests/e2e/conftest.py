@@ -61,3 +61,14 @@ def run_train(run_dir: Path, models, *extra: str, resume: bool = False, timeout:
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+RESUME_RUN = ["train.steps=6", "checkpoint.every=3", "checkpoint.export_hf=true"]
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory, demo_models):
+    """6 uninterrupted steps of the small run (the reference of the resume and layout tests)."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    run_train(run_dir, demo_models, *RESUME_RUN)
+    return run_dir

@@ -11,9 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.e2e.conftest import DETERMINISTIC, REPO, metrics, run_train, train_cmd
-
-RESUME_RUN = ["train.steps=6", "checkpoint.every=3", "checkpoint.export_hf=true"]
+from tests.e2e.conftest import DETERMINISTIC, REPO, RESUME_RUN, metrics, run_train, train_cmd
 
 
 def _final_weights(run_dir):
@@ -23,10 +21,8 @@ def _final_weights(run_dir):
     return out
 
 
-def test_kill_and_resume_matches_a_straight_run(tmp_path, demo_models):
-    straight = tmp_path / "straight"
-    run_train(straight, demo_models, *RESUME_RUN)
-
+def test_kill_and_resume_matches_a_straight_run(tmp_path, demo_models, straight_run):
+    straight = straight_run
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(killed, demo_models, *RESUME_RUN), cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
