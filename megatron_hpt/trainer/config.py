@@ -40,7 +40,10 @@ class AlgorithmConfig:
     "auto" loads it only when the loss has kl_coef > 0."""
 
     def loss_config(self) -> LossConfig:
-        base = config_to_dict(get_preset(self.preset))
+        try:
+            base = config_to_dict(get_preset(self.preset))
+        except KeyError as e:
+            raise ValueError(f"algorithm.preset: {e.args[0]}") from None
         return config_from_dict(LossConfig, {**base, **self.overrides}, "algorithm.overrides")
 
 

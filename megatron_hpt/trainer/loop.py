@@ -246,7 +246,7 @@ class Trainer:
                 every = [i for mb in local for i in mb]
                 ref = {i: v[0] for i, v in self.reference.forward_logprobs(
                     rows, every, temperature=temperature, precision=cfg.train.step.precision.ref_logprobs).items()}
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = self._fp8_gap(rows, [i for mb in local for i in mb])
         with timer("train"):
             for m, (mb_all, mb_local) in enumerate(zip(minibatches, local)):
                 result, mb_metrics = self.policy.train_minibatch(
@@ -262,6 +262,24 @@ class Trainer:
                 metrics["train/skipped_minibatches"] = metrics.get("train/skipped_minibatches", 0.0) + float(
                     not result.updated)
         return metrics
+
+    def _fp8_gap(self, rows, local: list[int]) -> dict[str, float]:
+        """With FP8 log-probs configured: recompute a few rows in BF16 and report the gap
+        (mean and p99 |dlogp|), so drift of the FP8 numerics is visible in the metrics."""
+        precision = self.cfg.train.step.precision
+        model = self.policy if precision.old_logprobs == "fp8" else (
+            self.reference if precision.ref_logprobs == "fp8" else None)
+        if model is None or not local:
+            return {}
+        sample = local[: precision.fp8_gap_sample_rows]
+        temperature = self.cfg.rollout.temperature
+        fp8 = model.forward_logprobs(rows, sample, temperature=temperature, precision="fp8")
+        bf16 = model.forward_logprobs(rows, sample, temperature=temperature, precision="bf16")
+        if not fp8:  # not the last pipeline stage
+            return {}
+        gap = torch.cat([(fp8[i][0] - bf16[i][0]).abs() for i in fp8])
+        return {"precision/fp8_vs_bf16_logp_gap_mean": float(gap.mean()),
+                "precision/fp8_vs_bf16_logp_gap_p99": float(torch.quantile(gap, 0.99))}
 
     def _sync_weights(self) -> None:
         """Push the policy's weights to the rollout servers (version = the step)."""

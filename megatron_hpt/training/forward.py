@@ -13,8 +13,7 @@ data-parallel ranks and pipeline stages.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
@@ -58,17 +57,16 @@ def logprob_forward_step(
     with_entropy: bool,
     sink: list,
     device: torch.device,
-    autocast: Callable[[], object] = nullcontext,
 ):
     """A forward step that records (micro-batch, log-probs [B, T], entropy [B, T] | None)
     in ``sink`` on the last pipeline stage."""
 
     def forward_step(data_iterator: Iterable[MicroBatch], model):
         mb = _to_device(next(data_iterator), device)
-        with autocast():
-            output = model(mb.tokens, mb.position_ids, None)
+        output = model(mb.tokens, mb.position_ids, None)
 
         def loss_func(logits):
+            # Logits leave the model in its own dtype; the log-softmax accumulates in fp32.
             logp, entropy = vocab_parallel_logprobs(
                 logits, mb.targets, tp_group=tp_group, temperature=temperature, chunk_rows=chunk_rows
             )

@@ -10,7 +10,7 @@ each rank works on the rows assigned to its data-parallel rank.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -108,9 +108,6 @@ class _StageModel:
         """Per-response-token log-probs (and entropy) of the given rows, keyed by row
         index; filled on the last pipeline stage, empty elsewhere."""
         sink: list = []
-        autocast = (lambda: fp8_autocast(self.step_cfg.precision.fp8_recipe)) if precision == "fp8" else nullcontext
-        if precision == "bf16" and self.model_cfg.precision != "bf16":
-            autocast = lambda: torch.autocast(self.st.device.type, dtype=torch.bfloat16)  # noqa: E731
         step = logprob_forward_step(
             tp_group=self.st.tp_group,
             temperature=temperature,
@@ -118,11 +115,11 @@ class _StageModel:
             with_entropy=with_entropy,
             sink=sink,
             device=self.st.device,
-            autocast=autocast,
         )
         was_training = self.model.training
         self.model.eval()
-        run_schedule(self._schedule_model, self._microbatches(rows, indices), step, forward_only=True)
+        with self._numerics(precision):
+            run_schedule(self._schedule_model, self._microbatches(rows, indices), step, forward_only=True)
         self.model.train(was_training)
         out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for mb, logp, entropy in sink:
@@ -135,6 +132,29 @@ class _StageModel:
     @property
     def _schedule_model(self):
         return self.model
+
+    @contextmanager
+    def _numerics(self, precision: LogprobPrecision):
+        """The numerics of a forward-only pass. "fp8": under TE's FP8 autocast (a model
+        built with megatron's fp8 runs FP8 anyway); "bf16": megatron's own FP8 switched
+        off for this pass and, for an fp32 model, torch's bf16 autocast."""
+        if precision == "fp8":
+            with fp8_autocast(self.step_cfg.precision.fp8_recipe):
+                yield
+            return
+        if precision == "model":
+            yield
+            return
+        saved = self.module.config.fp8
+        self.module.config.fp8 = None
+        try:
+            if self.model_cfg.precision == "bf16":
+                yield
+            else:
+                with torch.autocast(self.st.device.type, dtype=torch.bfloat16):
+                    yield
+        finally:
+            self.module.config.fp8 = saved
 
 
 class MegatronPolicy(_StageModel):
