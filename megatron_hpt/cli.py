@@ -1,4 +1,15 @@
-"""The `megatron-hpt` command line: one entry point, one verb per job."""
+"""The `megatron-hpt` command line: one entry point, one verb per job.
+
+    megatron-hpt demo                      the main job on the embedded default, end to end
+    megatron-hpt train --recipe R [k=v..]  a training run (under torchrun, or spawning its ranks)
+    megatron-hpt eval --recipe R ...       evaluate a checkpoint on the recipe's held-out sets
+    megatron-hpt convert ...               HF <-> Megatron checkpoints (checkpoints_tools)
+    megatron-hpt algorithms                the estimator presets in the paper's form
+    megatron-hpt compare ...               several algorithms, same budget, one table
+
+Options of a run live in its recipe (YAML) and ``dotted.key=value`` overrides;
+the command line itself only names the job.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +17,77 @@ import argparse
 import sys
 
 
-def _smoke(args: argparse.Namespace) -> int:
-    from megatron_hpt.models.smoke import run_smoke
-
-    run_smoke()
-    return 0
-
-
 def _algorithms(args: argparse.Namespace) -> int:
-    from megatron_hpt.losses.presets import presets_table
+    from megatron_hpt.losses import presets_table
 
     print(presets_table())
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from megatron_hpt.trainer.launch import launch_training
+
+    return launch_training(args.recipe, args.overrides, resume=args.resume)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from megatron_hpt.trainer.demo import run_demo
+
+    run_demo(args.overrides, output_dir=args.output_dir)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from megatron_hpt.trainer.launch import launch_eval
+
+    return launch_eval(args.recipe, args.model, args.overrides)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from checkpoints_tools.__main__ import main as convert_main
+
+    return convert_main(args.rest)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from megatron_hpt.trainer.compare import main as compare_main
+
+    return compare_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-hpt", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="megatron-hpt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     verbs = parser.add_subparsers(dest="verb", required=True)
-    demo = verbs.add_parser("demo", help="run the main job end to end on the embedded default")
-    demo.set_defaults(func=_smoke)
-    algorithms = verbs.add_parser("algorithms", help="print the loss presets in the paper's unified form")
-    algorithms.set_defaults(func=_algorithms)
+
+    demo = verbs.add_parser("demo", help="build the tiny model, convert, train HPT, evaluate, export, report")
+    demo.add_argument("--output-dir", default="runs/demo", help="where the demo writes everything")
+    demo.add_argument("overrides", nargs="*", help="dotted.key=value changes to the demo recipe")
+    demo.set_defaults(func=_demo)
+
+    train = verbs.add_parser("train", help="run training from a recipe")
+    train.add_argument("--recipe", required=True, help="recipe name (megatron_hpt/recipes) or YAML path")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run, if any")
+    train.add_argument("overrides", nargs="*", help="dotted.key=value changes to the recipe")
+    train.set_defaults(func=_train)
+
+    ev = verbs.add_parser("eval", help="evaluate an HF checkpoint on the recipe's held-out sets")
+    ev.add_argument("--recipe", required=True)
+    ev.add_argument("--model", required=True, help="HF checkpoint directory to evaluate")
+    ev.add_argument("overrides", nargs="*")
+    ev.set_defaults(func=_eval)
+
+    conv = verbs.add_parser("convert", help="HF <-> Megatron conversion (see `megatron-hpt convert --help`)", add_help=False)
+    conv.add_argument("rest", nargs=argparse.REMAINDER)
+    conv.set_defaults(func=_convert)
+
+    alg = verbs.add_parser("algorithms", help="print the estimator presets in the paper's form")
+    alg.set_defaults(func=_algorithms)
+
+    cmp_ = verbs.add_parser("compare", help="train several algorithms on the same budget and compare", add_help=False)
+    cmp_.add_argument("rest", nargs=argparse.REMAINDER)
+    cmp_.set_defaults(func=_compare)
     return parser
 
 

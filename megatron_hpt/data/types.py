@@ -66,6 +66,8 @@ class TrainRow:
     """Index of the prompt in the step, for group statistics."""
     off_policy: bool = False
     """True for demonstrations mixed into RL groups (LUFFY/SRFT)."""
+    weight: float = 1.0
+    """Row weight in the loss (HPT's soft mixing; 1 with the hard switch)."""
     rollout_logprobs: list[float] | None = None
     """Rollout-engine log-probs of the response tokens (train/inference gap, TIS)."""
 

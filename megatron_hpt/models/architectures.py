@@ -132,14 +132,18 @@ def split_qkv(qkv: torch.Tensor, shape: AttentionShape) -> tuple[torch.Tensor, t
             v.reshape(g * d, *rest).contiguous())
 
 
-def hf_layer_to_megatron(hf_t: dict[str, torch.Tensor], shape: AttentionShape, qkv_bias: bool) -> dict[str, torch.Tensor]:
-    """One layer's tensors by role: HF -> full Megatron layout."""
+def hf_layer_to_megatron(
+    hf_t: dict[str, torch.Tensor], shape: AttentionShape, qkv_bias: bool, *, split_fc1: bool = False
+) -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """One layer's tensors by role: HF -> full Megatron layout. With ``split_fc1``,
+    fc1 is the pair (gate, up) rather than their concatenation (no copy)."""
+    gate_up = (hf_t["gate"], hf_t["up"])
     out = {
         "input_norm": hf_t["input_norm"],
         "qkv": fuse_qkv(hf_t["q"], hf_t["k"], hf_t["v"], shape),
         "o": hf_t["o"],
         "post_norm": hf_t["post_norm"],
-        "fc1": torch.cat([hf_t["gate"], hf_t["up"]], dim=0),
+        "fc1": gate_up if split_fc1 else torch.cat(gate_up, dim=0),
         "down": hf_t["down"],
     }
     if qkv_bias:
@@ -147,20 +151,39 @@ def hf_layer_to_megatron(hf_t: dict[str, torch.Tensor], shape: AttentionShape, q
     return out
 
 
-def megatron_layer_to_hf(mg_t: dict[str, torch.Tensor], shape: AttentionShape, qkv_bias: bool) -> dict[str, torch.Tensor]:
-    """One layer's tensors by role: full Megatron layout -> HF."""
-    q, k, v = split_qkv(mg_t["qkv"], shape)
-    gate, up = torch.chunk(mg_t["fc1"], 2, dim=0)
-    out = {
-        "input_norm": mg_t["input_norm"],
-        "q": q, "k": k, "v": v,
-        "o": mg_t["o"],
-        "post_norm": mg_t["post_norm"],
-        "gate": gate.contiguous(), "up": up.contiguous(),
-        "down": mg_t["down"],
-    }
-    if qkv_bias:
-        out["q_bias"], out["k_bias"], out["v_bias"] = split_qkv(mg_t["qkv_bias"], shape)
+# The HF roles each Megatron layer role becomes (in HF's order within the role).
+HF_ROLES_OF: dict[str, tuple[str, ...]] = {
+    "input_norm": ("input_norm",),
+    "qkv": ("q", "k", "v"),
+    "qkv_bias": ("q_bias", "k_bias", "v_bias"),
+    "o": ("o",),
+    "post_norm": ("post_norm",),
+    "fc1": ("gate", "up"),
+    "down": ("down",),
+}
+
+
+def megatron_role_to_hf(
+    role: str, tensor: torch.Tensor | tuple[torch.Tensor, torch.Tensor], shape: AttentionShape
+) -> dict[str, torch.Tensor]:
+    """One Megatron layer tensor (full layout) -> its HF tensors by HF role.
+    fc1 may be given as the pair (gate, up)."""
+    if role in ("qkv", "qkv_bias"):
+        return dict(zip(HF_ROLES_OF[role], split_qkv(tensor, shape)))
+    if role == "fc1":
+        gate, up = tensor if isinstance(tensor, tuple) else torch.chunk(tensor, 2, dim=0)
+        return {"gate": gate.contiguous(), "up": up.contiguous()}
+    return {HF_ROLES_OF[role][0]: tensor}
+
+
+def megatron_layer_to_hf(mg_t: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]], shape: AttentionShape, qkv_bias: bool) -> dict[str, torch.Tensor]:
+    """One layer's tensors by role: full Megatron layout -> HF. fc1 may be given
+    as the pair (gate, up)."""
+    out: dict[str, torch.Tensor] = {}
+    for role, tensor in mg_t.items():
+        if role == "qkv_bias" and not qkv_bias:
+            continue
+        out.update(megatron_role_to_hf(role, tensor, shape))
     return out
 
 
@@ -177,3 +200,106 @@ TP_SPLIT: dict[str, tuple[int, bool] | None] = {
     "output": (0, False),
     "final_norm": None,
 }
+
+
+# --------------------------------------------------------------------------- #
+# Expected shapes, and the keys of the dist checkpoint
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class ExpectedShape:
+    """A tensor's shape as the HF config dictates, with the fields it comes from."""
+
+    shape: tuple[int, ...]
+    derivation: str
+    """How the shape follows from the config, for error messages."""
+
+
+def _dims(hf) -> dict[str, int]:
+    from megatron_hpt.models.builder import head_dim
+
+    return dict(
+        hidden=hf.hidden_size,
+        ffn=hf.intermediate_size,
+        vocab=hf.vocab_size,
+        heads=hf.num_attention_heads,
+        kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        head_dim=head_dim(hf),
+    )
+
+
+def hf_expected_shapes(hf) -> dict[str, ExpectedShape]:
+    """Every HF tensor the parameter map reads, with the shape the config implies."""
+    d = _dims(hf)
+    h, f, v = d["hidden"], d["ffn"], d["vocab"]
+    q, kv = d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"]
+    hs = f"hidden_size={h}"
+    qs = f"num_attention_heads={d['heads']} x head_dim={d['head_dim']}"
+    kvs = f"num_key_value_heads={d['kv_heads']} x head_dim={d['head_dim']}"
+    fs = f"intermediate_size={f}"
+    by_role = {
+        "input_norm": ExpectedShape((h,), hs),
+        "post_norm": ExpectedShape((h,), hs),
+        "q": ExpectedShape((q, h), f"({qs}, {hs})"),
+        "k": ExpectedShape((kv, h), f"({kvs}, {hs})"),
+        "v": ExpectedShape((kv, h), f"({kvs}, {hs})"),
+        "q_bias": ExpectedShape((q,), qs),
+        "k_bias": ExpectedShape((kv,), kvs),
+        "v_bias": ExpectedShape((kv,), kvs),
+        "o": ExpectedShape((h, q), f"({hs}, {qs})"),
+        "gate": ExpectedShape((f, h), f"({fs}, {hs})"),
+        "up": ExpectedShape((f, h), f"({fs}, {hs})"),
+        "down": ExpectedShape((h, f), f"({hs}, {fs})"),
+    }
+    bias = arch_for(hf).qkv_bias(hf)
+    out = {HF_EMBED: ExpectedShape((v, h), f"(vocab_size={v}, {hs})")}
+    for i in range(hf.num_hidden_layers):
+        for role, name in hf_layer_names(i, bias).items():
+            out[name] = by_role[role]
+    out[HF_FINAL_NORM] = ExpectedShape((h,), hs)
+    if not getattr(hf, "tie_word_embeddings", False):
+        out[HF_LM_HEAD] = ExpectedShape((v, h), f"(vocab_size={v}, {hs})")
+    return out
+
+
+# Megatron-core's dist checkpoints name layer tensors without the layer number
+# (the layer is a leading axis of a global tensor) and use the Transformer
+# Engine spec's names for the norms, whichever spec saved them: the local spec
+# maps its `input_layernorm` / `pre_mlp_layernorm` onto TE's fused-norm names
+# (`sharded_state_dict_keys_map` in megatron's gpt_layer_specs). So one
+# checkpoint loads into either spec.
+CKPT_LAYER_PREFIX = "decoder.layers."
+CKPT_EXTRA_STATE_MODULES = (
+    "self_attention.linear_proj",
+    "self_attention.linear_qkv",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+)
+"""Linear layers whose (empty, for the local spec) `_extra_state` objects a
+model's sharded state dict holds for every layer."""
+
+
+def checkpoint_layer_key(role: str) -> str:
+    """The dist-checkpoint key of a layer tensor role (shared by all layers)."""
+    te_name = mg_layer_names(0, qkv_bias=True, te=True)[role]
+    return CKPT_LAYER_PREFIX + te_name[len("decoder.layers.0."):]
+
+
+def megatron_full_shapes(hf) -> dict[str, tuple[int, ...]]:
+    """Full-layout (TP=1) shapes of the Megatron tensors, by role."""
+    d = _dims(hf)
+    h, f, v = d["hidden"], d["ffn"], d["vocab"]
+    q, kv = d["heads"] * d["head_dim"], d["kv_heads"] * d["head_dim"]
+    shapes = {
+        "embed": (v, h),
+        "input_norm": (h,),
+        "qkv": (q + 2 * kv, h),
+        "o": (h, q),
+        "post_norm": (h,),
+        "fc1": (2 * f, h),
+        "down": (h, f),
+        "final_norm": (h,),
+        "output": (v, h),
+    }
+    if arch_for(hf).qkv_bias(hf):
+        shapes["qkv_bias"] = (q + 2 * kv,)
+    return shapes

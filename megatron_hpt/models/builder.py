@@ -88,7 +88,11 @@ def use_transformer_engine(cfg: ModelConfig) -> bool:
     return available
 
 
-def _check_divisible(hf, tp: int, pp: int) -> None:
+def check_parallel_layout(hf, tp: int, pp: int) -> None:
+    """Raise ValueError naming the HF config field that TP or PP does not divide."""
+    for size_name, size in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
+        if size < 1:
+            raise ValueError(f"{size_name} must be >= 1, got {size}")
     checks = [
         ("num_attention_heads", hf.num_attention_heads, tp, "tensor_model_parallel_size"),
         ("num_key_value_heads", _num_kv_heads(hf), tp, "tensor_model_parallel_size"),
@@ -119,7 +123,7 @@ def transformer_config(
     from megatron.core.transformer import TransformerConfig
 
     spec = arch_for(hf)
-    _check_divisible(hf, tp, pp)
+    check_parallel_layout(hf, tp, pp)
     fused = torch.cuda.is_available()
     recompute = {}
     if cfg.recompute == "selective":

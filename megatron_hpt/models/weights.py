@@ -20,12 +20,14 @@ from megatron_hpt.models.architectures import (
     MG_EMBED,
     MG_FINAL_NORM,
     MG_OUTPUT,
+    HF_ROLES_OF,
     TP_SPLIT,
     AttentionShape,
     arch_for,
     hf_layer_names,
     hf_layer_to_megatron,
     megatron_layer_to_hf,
+    megatron_role_to_hf,
     mg_layer_names,
 )
 
@@ -182,3 +184,72 @@ def full_layout_to_hf(hf, get_mg: Callable[[str], torch.Tensor]) -> Iterator[tup
     yield HF_FINAL_NORM, get_mg(MG_FINAL_NORM)
     if not tied:
         yield HF_LM_HEAD, get_mg(MG_OUTPUT)
+
+
+def hf_to_roles(
+    hf, get_hf: Callable[[str], torch.Tensor], *, split_fc1: bool = False
+) -> Iterator[tuple[str, int | None, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]]:
+    """Yield (role, global layer or None, full-layout tensor) from HF tensors, layer by layer.
+
+    With ``split_fc1`` the gated MLP's fc1 comes as the pair (gate, up) instead of
+    their concatenation, so a writer that stores the halves separately (the dist
+    checkpoint does) needs no copy of them."""
+    spec = arch_for(hf)
+    bias = spec.qkv_bias(hf)
+    shape = attention_shape(hf)
+    yield "embed", None, get_hf(HF_EMBED)
+    for i in range(hf.num_hidden_layers):
+        hf_t = {role: get_hf(n) for role, n in hf_layer_names(i, bias).items()}
+        mg = hf_layer_to_megatron(hf_t, shape, bias, split_fc1=split_fc1)
+        for role, tensor in mg.items():
+            yield role, i, tensor
+    yield "final_norm", None, get_hf(HF_FINAL_NORM)
+    if not getattr(hf, "tie_word_embeddings", False):
+        yield "output", None, get_hf(HF_LM_HEAD)
+
+
+MEGATRON_ROLE_ORDER = ("embed", "input_norm", "qkv", "qkv_bias", "o", "post_norm", "fc1", "down", "final_norm", "output")
+
+
+def megatron_roles(hf) -> list[str]:
+    """The Megatron roles a model has, in the order conversions walk them."""
+    bias = arch_for(hf).qkv_bias(hf)
+    tied = bool(getattr(hf, "tie_word_embeddings", False))
+    return [r for r in MEGATRON_ROLE_ORDER if not (r == "qkv_bias" and not bias) and not (r == "output" and tied)]
+
+
+def hf_names_by_role(hf) -> list[tuple[str, int | None, str]]:
+    """(Megatron role, layer, HF name) of every HF tensor, role-major: the order in
+    which ``megatron_roles_to_hf`` yields them."""
+    bias = arch_for(hf).qkv_bias(hf)
+    globals_ = {"embed": HF_EMBED, "final_norm": HF_FINAL_NORM, "output": HF_LM_HEAD}
+    out = []
+    for role in megatron_roles(hf):
+        if role in globals_:
+            out.append((role, None, globals_[role]))
+            continue
+        for i in range(hf.num_hidden_layers):
+            names = hf_layer_names(i, bias)
+            out.extend((role, i, names[hf_role]) for hf_role in HF_ROLES_OF[role])
+    return out
+
+
+def megatron_roles_to_hf(
+    hf, read_role: Callable[[str], dict[int | None, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) role by role: ``read_role(role)`` returns that role's
+    full-layout tensors by layer (``{None: t}`` for embed/final_norm/output), so a
+    caller holds one role of all layers at a time; each layer's tensors are
+    dropped once yielded."""
+    bias = arch_for(hf).qkv_bias(hf)
+    shape = attention_shape(hf)
+    globals_ = {"embed": HF_EMBED, "final_norm": HF_FINAL_NORM, "output": HF_LM_HEAD}
+    for role in megatron_roles(hf):
+        by_layer = read_role(role)
+        if role in globals_:
+            yield globals_[role], by_layer.pop(None)
+            continue
+        for i in range(hf.num_hidden_layers):
+            names = hf_layer_names(i, bias)
+            for hf_role, tensor in megatron_role_to_hf(role, by_layer.pop(i), shape).items():
+                yield names[hf_role], tensor

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -24,8 +28,22 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k != -1 and self.top_k < 1:
+            raise ValueError(f"top_k must be -1 (all) or >= 1, got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def to_sglang(self) -> dict:
+        """The SGLang ``sampling_params`` object for these values (no seed, n = 1)."""
+        out: dict = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_new_tokens": self.max_new_tokens,
+        }
+        if self.stop_token_ids:
+            out["stop_token_ids"] = list(self.stop_token_ids)
+        return out
 
 
 @dataclass
@@ -34,10 +52,13 @@ class Completion:
 
     output_ids: list[int]
     output_logprobs: list[float]
-    """log_softmax(logits / temperature) of each output token, as SGLang reports it."""
+    """log_softmax(logits / temperature) of each output token, as SGLang reports it
+    (temperature 1 for greedy requests)."""
     finish_reason: str
     """"stop", "length" or "abort"."""
     meta: dict = field(default_factory=dict)
+    """Server details: weight_version, finish_reason (SGLang's dict), prompt_tokens,
+    e2e_latency, and "server" (the URL that produced it)."""
 
 
 class RolloutEngine(abc.ABC):
@@ -54,9 +75,28 @@ class RolloutEngine(abc.ABC):
     def update_weights_from_disk(self, path: str, version: str) -> None:
         """Load HF-format weights written by the trainer at ``path``."""
 
+    def update_weights_from_distributed(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str
+    ) -> None:
+        """Broadcast HF-named tensors from this process to every server (one call per
+        pipeline stage, each on that stage's rank, between begin/end_weight_update)."""
+        raise NotImplementedError(f"{type(self).__name__} has no distributed weight sync")
+
+    def release_memory(self) -> None:
+        """Colocated mode: free the servers' accelerator memory before training."""
+
+    def resume_memory(self) -> None:
+        """Colocated mode: take the memory back before the next rollout."""
+
     @abc.abstractmethod
     def healthy(self) -> bool:
         """True when every server answers."""
 
     def close(self) -> None:
         """Stop what this engine started."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

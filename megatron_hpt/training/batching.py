@@ -105,6 +105,8 @@ class MicroBatch:
     """[B] bool, HPT row kind."""
     off_policy: torch.Tensor
     """[B] bool, demonstration inside an RL group."""
+    row_weight: torch.Tensor
+    """[B] per-row loss weight (HPT soft mixing)."""
     old_logp: torch.Tensor | None = None
     """[B, T] log-probs of the policy before this step's updates."""
     ref_logp: torch.Tensor | None = None
@@ -173,6 +175,7 @@ def build_microbatch(
         advantages=torch.tensor([r.advantage for r in rows], dtype=torch.float32),
         is_sft=torch.tensor([r.kind == "sft" for r in rows]),
         off_policy=torch.tensor([r.off_policy for r in rows]),
+        row_weight=torch.tensor([r.weight for r in rows], dtype=torch.float32),
         old_logp=_scatter(old_logp, starts, (B, T)) if old_logp is not None else None,
         ref_logp=_scatter(ref_logp, starts, (B, T)) if ref_logp is not None else None,
         rollout_logp=_scatter([r.rollout_logprobs for r in rows], starts, (B, T)),

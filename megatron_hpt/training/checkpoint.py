@@ -4,8 +4,13 @@ progress) and every rank's RNG states; written atomically, the last k kept.
 
 Layout of a checkpoint root::
 
-    root/step_000012/        one checkpoint (dist_checkpointing files, trainer_state.pt, rng/)
-    root/latest              the name of the newest complete checkpoint
+    root/step_000012/weights/         model + optimizer (``megatron_hpt.models.checkpoint``)
+    root/step_000012/trainer_state.pt LR schedule, counters, the trainer's own state
+    root/step_000012/rng/rank_*.pt    every rank's RNG states
+    root/latest                       the name of the newest complete checkpoint
+
+``weights/`` is a model checkpoint like the ones conversion writes, so
+``megatron-hpt convert megatron-to-hf`` exports any training checkpoint.
 
 A checkpoint is written into ``step_X.tmp`` and renamed once every rank is done,
 and ``latest`` is replaced atomically after the rename, so a run killed in the
@@ -73,15 +78,14 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def _sharded_state(policy) -> dict:
-    model_sd = policy.module.sharded_state_dict()
-    return {"model": model_sd, "optimizer": policy.optimizer.sharded_state_dict(model_sd)}
-
-
-def save_checkpoint(root: str | Path, step: int, policy, st: ParallelState, extra: dict[str, Any], keep_last: int = 3) -> Path:
+def save_checkpoint(
+    root: str | Path, step: int, policy, st: ParallelState, extra: dict[str, Any], keep_last: int = 3,
+    hf_dir: str | Path | None = None,
+) -> Path:
     """Save ``policy`` (model, optimizer, schedule, counters), ``extra`` (rank 0's
-    picklable trainer state) and every rank's RNG at ``root/step_<step>``."""
-    from megatron.core import dist_checkpointing
+    picklable trainer state) and every rank's RNG at ``root/step_<step>``; ``hf_dir``
+    (config and tokenizer) is recorded so the checkpoint converts back to HF."""
+    from megatron_hpt.models.checkpoint import save_model_checkpoint
 
     root = Path(root)
     final = root / f"step_{step:06d}"
@@ -92,7 +96,10 @@ def save_checkpoint(root: str | Path, step: int, policy, st: ParallelState, extr
             shutil.rmtree(tmp)
         (tmp / "rng").mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(_sharded_state(policy), str(tmp))
+    save_model_checkpoint(
+        policy.module, tmp / "weights", hf_dir=hf_dir,
+        extra_state=lambda model_sd: {"optimizer": policy.optimizer.sharded_state_dict(model_sd)},
+    )
     torch.save(rng_state(), tmp / "rng" / f"rank_{st.rank:05d}.pt")
     if st.rank == 0:
         torch.save(
@@ -130,14 +137,16 @@ def _prune(root: Path, keep_last: int) -> None:
 def load_checkpoint(path: str | Path, policy, st: ParallelState) -> dict[str, Any]:
     """Restore ``policy`` and this rank's RNG from a checkpoint; returns the trainer's
     ``extra`` state and the step."""
-    from megatron.core import dist_checkpointing
+    from megatron_hpt.models.checkpoint import load_model_checkpoint
 
     path = Path(path)
     if not (path / "trainer_state.pt").is_file():
         raise FileNotFoundError(f"{path} is not a complete training checkpoint (no trainer_state.pt)")
     state = torch.load(path / "trainer_state.pt", weights_only=False)
-    loaded = dist_checkpointing.load(_sharded_state(policy), str(path))
-    policy.module.load_state_dict(loaded["model"])
+    loaded = load_model_checkpoint(
+        policy.module, path / "weights",
+        extra_state=lambda model_sd: {"optimizer": policy.optimizer.sharded_state_dict(model_sd, is_loading=True)},
+    )
     policy.optimizer.load_state_dict(loaded["optimizer"])
     policy.scheduler.load_state_dict(state["scheduler"])
     policy.optimizer_steps = state["optimizer_steps"]

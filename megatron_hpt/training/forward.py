@@ -86,8 +86,11 @@ def train_forward_step(
     temperature: float,
     chunk_rows: int,
     device: torch.device,
+    old_from_current: bool = False,
 ):
-    """A forward step whose loss is the unified estimator on the micro-batch's rows."""
+    """A forward step whose loss is the unified estimator on the micro-batch's rows.
+    ``old_from_current``: the weights have not moved since the rollout (first mini-batch),
+    so the old policy's log-probs are the current ones, detached."""
 
     needs_entropy = loss_config.entropy_coef != 0.0 or loss_config.entropy_aware_weights is not None
 
@@ -104,11 +107,12 @@ def train_forward_step(
                 mask=mb.loss_mask,
                 advantages=mb.advantages,
                 entropy=entropy if needs_entropy else entropy.detach(),
-                old_logp=mb.old_logp,
+                old_logp=logp.detach() if old_from_current else mb.old_logp,
                 ref_logp=mb.ref_logp,
                 rollout_logp=mb.rollout_logp,
                 is_sft=mb.is_sft,
                 off_policy=mb.off_policy,
+                row_weight=mb.row_weight,
             )
             loss, metrics = unified_loss(loss_config, inputs, normalizers)
             num_tokens = torch.tensor(mb.num_loss_tokens, dtype=torch.int, device=logits.device)

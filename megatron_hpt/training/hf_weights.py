@@ -25,6 +25,7 @@ from megatron_hpt.models.architectures import (
     hf_layer_names,
     megatron_layer_to_hf,
 )
+from megatron_hpt.models.hf_checkpoint import HFCheckpointReader
 from megatron_hpt.models.weights import (
     attention_shape,
     hf_to_full_layout,
@@ -49,26 +50,6 @@ _HF_SIDE_FILES = (
 )
 
 
-class SafetensorsDir:
-    """Lazy access to the tensors of an HF checkpoint directory (sharded or not)."""
-
-    def __init__(self, path: str | Path) -> None:
-        from safetensors import safe_open
-
-        self.path = Path(path)
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{self.path}: no *.safetensors files")
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
-        self._where = {k: h for h in self._handles for k in h.keys()}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        try:
-            return self._where[name].get_tensor(name)
-        except KeyError:
-            raise KeyError(f"{self.path}: tensor {name!r} is missing from the checkpoint") from None
-
-
 @torch.no_grad()
 def load_hf_weights(module, st: ParallelState, hf_config, hf_dir: str | Path) -> None:
     """Load an HF checkpoint into this rank's stage, keeping only this stage's tensors."""
@@ -76,11 +57,12 @@ def load_hf_weights(module, st: ParallelState, hf_config, hf_dir: str | Path) ->
     offset = layer_offset(module, st.pp_rank)
     for name in model_tensors(module):
         wanted.add(role_of(local_to_global(name, offset))[0])
-    source = SafetensorsDir(hf_dir)
     full = {}
-    for name, tensor in hf_to_full_layout(hf_config, source.__getitem__):
-        if name in wanted or (name.startswith("embedding.") and "output_layer.weight" in wanted):
-            full[name] = tensor
+    with HFCheckpointReader(hf_dir, hf_config) as source:
+        source.check()
+        for name, tensor in hf_to_full_layout(hf_config, source.get):
+            if name in wanted or (name.startswith("embedding.") and "output_layer.weight" in wanted):
+                full[name] = tensor.clone()
     load_full_layout(module, full.__getitem__, tp_rank=st.tp_rank, tp_size=st.tp_size, pp_rank=st.pp_rank)
 
 

@@ -238,13 +238,14 @@ class MegatronPolicy(_StageModel):
         *,
         temperature: float,
         old_logp: dict[int, torch.Tensor] | None = None,
+        old_from_current: bool = False,
         ref_logp: dict[int, torch.Tensor] | None = None,
         constant_normalizer: float = 8192.0,
     ) -> tuple[StepResult, dict[str, float]]:
         """One optimizer step on a mini-batch (see ``backward_minibatch`` for the arguments)."""
         metrics = self.backward_minibatch(
-            rows, minibatch, local, loss_config, temperature=temperature,
-            old_logp=old_logp, ref_logp=ref_logp, constant_normalizer=constant_normalizer,
+            rows, minibatch, local, loss_config, temperature=temperature, old_logp=old_logp,
+            old_from_current=old_from_current, ref_logp=ref_logp, constant_normalizer=constant_normalizer,
         )
         result = self._optimizer_step()
         metrics.update(
@@ -265,6 +266,7 @@ class MegatronPolicy(_StageModel):
         *,
         temperature: float,
         old_logp: dict[int, torch.Tensor] | None = None,
+        old_from_current: bool = False,
         ref_logp: dict[int, torch.Tensor] | None = None,
         constant_normalizer: float = 8192.0,
     ) -> dict[str, float]:
@@ -272,7 +274,8 @@ class MegatronPolicy(_StageModel):
         finalized gradients (DP-reduced) in the DDP buffers. ``minibatch`` holds every row
         index of the mini-batch (for the global normalizers); ``local`` the ones this DP
         rank trains on. Log-prob dicts hold per-response-token tensors by row index
-        (needed on the last stage only)."""
+        (needed on the last stage only); ``old_from_current`` takes the old policy's
+        log-probs from this forward (valid while the weights are those of the rollout)."""
         norms = normalizers_for(rows, minibatch, constant_normalizer)
         microbatches = self._microbatches(rows, local, {"old_logp": old_logp or {}, "ref_logp": ref_logp or {}})
         step = train_forward_step(
@@ -283,6 +286,7 @@ class MegatronPolicy(_StageModel):
             temperature=temperature,
             chunk_rows=self.step_cfg.logprob_chunk_rows,
             device=self.st.device,
+            old_from_current=old_from_current,
         )
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()

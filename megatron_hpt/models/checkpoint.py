@@ -1,0 +1,319 @@
+"""Saving and loading model weights as megatron-core dist checkpoints (the
+trainer's checkpoints and the conversion tools' output are the same format).
+
+A checkpoint directory holds:
+- megatron-core's files (``metadata.json``, ``common.pt``, ``*.distcp``): the
+  model's sharded state dict under the top-level key ``"model"``, plus whatever
+  the caller adds (the trainer adds optimizer state and counters);
+- ``megatron_hpt_checkpoint.json``: what the checkpoint is (HF architecture and
+  config, source, dtype, the layout it was written at, a manifest of every
+  tensor with its global shape and dtype, how it was verified);
+- ``hf/``: the HF config, generation config and tokenizer files it came from,
+  so that it converts back to HF on its own.
+
+Checkpoints are layout independent: the keys are global tensors (see
+``checkpoint_format``), so one written at any TP/PP loads at any other that
+divides the model. Both spec variants load them: the local spec saves under
+Transformer Engine's names, and ``_extra_state`` objects a checkpoint lacks
+(TE's FP8 metadata) are left at their fresh values.
+
+Writes are atomic: everything goes to ``<dir>.tmp`` and is renamed into place
+once complete, so a crash never leaves a half-written ``<dir>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from megatron_hpt.models.hf_checkpoint import copy_aux_files, dtype_name
+
+METADATA_FILE = "megatron_hpt_checkpoint.json"
+HF_SUBDIR = "hf"
+MODEL_KEY = "model"
+FORMAT_NAME = "megatron-hpt dist checkpoint"
+FORMAT_VERSION = 1
+
+ExtraState = Callable[[dict], dict]
+"""Given the model's sharded state dict, the other top-level entries to save or
+load with it, e.g. ``lambda model_sd: {"optimizer": opt.sharded_state_dict(model_sd)}``."""
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint lacks a tensor the model needs, or holds one of another shape."""
+
+
+# --------------------------------------------------------------------------- #
+# Metadata
+# --------------------------------------------------------------------------- #
+def read_checkpoint_metadata(ckpt_dir: str | Path) -> dict:
+    """The ``megatron_hpt_checkpoint.json`` of a checkpoint directory."""
+    path = Path(ckpt_dir) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{ckpt_dir}: no {METADATA_FILE}; not a megatron-hpt checkpoint "
+            "(create one with checkpoints_tools.hf_to_megatron or save_model_checkpoint)"
+        )
+    return json.loads(path.read_text())
+
+
+def checkpoint_hf_dir(ckpt_dir: str | Path) -> Path:
+    """The HF config/tokenizer directory stored in a checkpoint."""
+    path = Path(ckpt_dir) / HF_SUBDIR
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{ckpt_dir}: the checkpoint carries no HF config ({HF_SUBDIR}/config.json); "
+            "pass the HF directory it was made from explicitly"
+        )
+    return path
+
+
+def tensor_manifest(ckpt_dir: str | Path) -> dict[str, dict]:
+    """Every tensor stored in a dist checkpoint: key -> {shape, dtype}."""
+    from megatron_hpt.models.checkpoint_format import stored_tensor_metadata
+
+    return {
+        key: {"shape": list(meta.global_shape), "dtype": dtype_name(meta.dtype)}
+        for key, meta in sorted(stored_tensor_metadata(ckpt_dir).items())
+    }
+
+
+def write_checkpoint_metadata(
+    ckpt_dir: str | Path,
+    *,
+    hf_dir: str | Path | None,
+    written_at: dict,
+    source: dict | None = None,
+    **fields: Any,
+) -> dict:
+    """Write ``megatron_hpt_checkpoint.json`` (and copy ``hf_dir``'s config and
+    tokenizer files into ``hf/``) for the dist checkpoint in ``ckpt_dir``."""
+    ckpt = Path(ckpt_dir)
+    hf_config = None
+    if hf_dir is not None:
+        hf_dir = Path(hf_dir)
+        if hf_dir.resolve() != (ckpt / HF_SUBDIR).resolve():
+            copy_aux_files(hf_dir, ckpt / HF_SUBDIR)
+        hf_config = json.loads((ckpt / HF_SUBDIR / "config.json").read_text())
+    manifest = tensor_manifest(ckpt)
+    model_dtypes = sorted({v["dtype"] for k, v in manifest.items() if not k.startswith("optimizer")})
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "megatron_core_version": _megatron_version(),
+        "hf_architecture": (hf_config or {}).get("architectures", [None])[0],
+        "dtype": model_dtypes[0] if len(model_dtypes) == 1 else model_dtypes,
+        "written_at": written_at,
+        "source": source,
+        **fields,
+        "hf_config": hf_config,
+        "manifest": manifest,
+    }
+    (ckpt / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def update_checkpoint_metadata(ckpt_dir: str | Path, **fields: Any) -> dict:
+    meta = read_checkpoint_metadata(ckpt_dir)
+    meta.update(fields)
+    (Path(ckpt_dir) / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _megatron_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("megatron-core")
+    except Exception:  # a source checkout without package metadata
+        return None
+
+
+# --------------------------------------------------------------------------- #
+# Atomic directories
+# --------------------------------------------------------------------------- #
+def temp_dir_for(final: Path) -> Path:
+    return final.with_name(final.name + ".tmp")
+
+
+def prepare_temp_dir(final: str | Path, *, overwrite: bool) -> Path:
+    """Create an empty ``<final>.tmp`` (removing a stale one from a crashed run)."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} exists; remove it or pass overwrite=True / --overwrite")
+    tmp = temp_dir_for(final)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_temp_dir(tmp: Path, final: str | Path) -> Path:
+    """Move a complete ``tmp`` into place as ``final`` (replacing an old one)."""
+    final = Path(final)
+    old = None
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old)
+    return final
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """One process writes a directory: yields ``<final>.tmp``, renamed to ``final``
+    on success and removed on error."""
+    tmp = prepare_temp_dir(final, overwrite=overwrite)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_temp_dir(tmp, final)
+
+
+# --------------------------------------------------------------------------- #
+# The trainer's API
+# --------------------------------------------------------------------------- #
+def unwrap_model(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("save/load_model_checkpoint need torch.distributed: call init_parallel() first")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def save_model_checkpoint(
+    model,
+    ckpt_dir: str | Path,
+    *,
+    hf_dir: str | Path | None = None,
+    extra_state: ExtraState | None = None,
+    source: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save this rank's model stage (and ``extra_state``) as a dist checkpoint.
+
+    Collective: every rank calls it with the same ``ckpt_dir``. ``hf_dir`` (the
+    HF checkpoint the model was built from) is copied in as ``hf/`` so the
+    checkpoint can be converted back to HF; ``extra_state(model_sd)`` returns
+    more top-level entries, e.g. ``{"optimizer": opt.sharded_state_dict(model_sd),
+    "step": 120}``. Written to ``<ckpt_dir>.tmp`` and renamed when complete.
+    """
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    rank, world = _world()
+    final = Path(ckpt_dir)
+    tmp = temp_dir_for(final)
+    if rank == 0:
+        prepare_temp_dir(final, overwrite=overwrite)
+    dist.barrier()
+    gpt = unwrap_model(model)
+    model_sd = gpt.sharded_state_dict()
+    state = {MODEL_KEY: model_sd}
+    if extra_state is not None:
+        state.update(extra_state(model_sd))
+    dist_checkpointing.save(state, str(tmp))
+    if rank == 0:
+        tp = gpt.config.tensor_model_parallel_size
+        pp = gpt.config.pipeline_model_parallel_size
+        write_checkpoint_metadata(
+            tmp,
+            hf_dir=hf_dir,
+            written_at={
+                "tensor_model_parallel_size": tp,
+                "pipeline_model_parallel_size": pp,
+                "data_parallel_size": world // (tp * pp),
+                "writer": "save_model_checkpoint",
+            },
+            source=source,
+            extra_state=sorted(k for k in state if k != MODEL_KEY),
+        )
+        commit_temp_dir(tmp, final)
+    dist.barrier()
+    return final
+
+
+def _check_against_checkpoint(model_sd: dict, ckpt_dir: Path) -> None:
+    """Every model tensor must be stored, with the same global shape."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    from megatron_hpt.models.checkpoint_format import stored_tensor_metadata
+
+    stored = stored_tensor_metadata(ckpt_dir)
+    for entry in model_sd.values():
+        if isinstance(entry, ShardedTensorFactory):
+            built = entry.build()
+            tensors = built if isinstance(built, list) else [built]
+        elif isinstance(entry, ShardedTensor):
+            tensors = [entry]
+        else:
+            continue
+        for sh in tensors:
+            if sh.key not in stored:
+                raise CheckpointMismatch(
+                    f"{ckpt_dir}: tensor {sh.key} (global shape {tuple(sh.global_shape)}) is missing "
+                    "from the checkpoint; was it written for another model?"
+                )
+            got = tuple(stored[sh.key].global_shape)
+            if got != tuple(sh.global_shape):
+                raise CheckpointMismatch(
+                    f"{ckpt_dir}: tensor {sh.key} has global shape {got} in the checkpoint, the model "
+                    f"expects {tuple(sh.global_shape)}; the checkpoint belongs to a different model config"
+                )
+
+
+def load_model_checkpoint(
+    model,
+    ckpt_dir: str | Path,
+    *,
+    extra_state: ExtraState | None = None,
+) -> dict:
+    """Load a dist checkpoint into this rank's model stage, at whatever layout it runs.
+
+    Collective. Returns the loaded ``extra_state`` entries (empty without
+    ``extra_state``), e.g. ``{"optimizer": ..., "step": 120}`` for the trainer to
+    apply. The checkpoint's dtype may differ from the model's (values are cast).
+    Raises CheckpointMismatch naming the tensor when one is missing or has
+    another shape."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    _world()
+    ckpt = Path(ckpt_dir)
+    gpt = unwrap_model(model)
+    model_sd = gpt.sharded_state_dict()
+    _check_against_checkpoint(model_sd, ckpt)
+    request = {MODEL_KEY: model_sd}
+    if extra_state is not None:
+        request.update(extra_state(model_sd))
+    # RETURN_UNEXPECTED skips requested keys the checkpoint lacks and returns them
+    # (megatron calls them "unexpected"); only TE's `_extra_state` may be absent.
+    loaded, _, absent = dist_checkpointing.load(request, str(ckpt), strict=StrictHandling.RETURN_UNEXPECTED)
+    absent = sorted(k for k in absent if not k.endswith("_extra_state"))
+    if absent:
+        raise CheckpointMismatch(f"{ckpt}: the checkpoint has no {', '.join(absent)}")
+    missing, unexpected = gpt.load_state_dict(loaded.pop(MODEL_KEY), strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointMismatch(f"{ckpt}: model state mismatch: missing {missing}, unexpected {unexpected}")
+    return loaded
