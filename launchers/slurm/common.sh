@@ -58,9 +58,13 @@ hpt_read_allocation() {
 
 # hpt_container_args: srun flags that run a step in CONTAINER_IMAGE (pyxis/enroot);
 # nothing when CONTAINER_IMAGE is empty (bare metal, or already inside a container).
+# Sets HPT_STEP_LAUNCH_DIR, this folder as the steps see it (in the image: the
+# Dockerfile's /opt/megatron-hpt).
 hpt_container_args() {
   HPT_CONTAINER_ARGS=()
+  HPT_STEP_LAUNCH_DIR=$HPT_LAUNCH_DIR
   if [[ -n ${CONTAINER_IMAGE:-} ]]; then
+    HPT_STEP_LAUNCH_DIR=${CONTAINER_LAUNCH_DIR:-/opt/megatron-hpt/launchers/slurm}
     HPT_CONTAINER_ARGS=(--container-image="$CONTAINER_IMAGE" --no-container-mount-home)
     [[ -n ${CONTAINER_MOUNTS:-} ]] && HPT_CONTAINER_ARGS+=(--container-mounts="$CONTAINER_MOUNTS")
     [[ -n ${CONTAINER_WORKDIR:-} ]] && HPT_CONTAINER_ARGS+=(--container-workdir="$CONTAINER_WORKDIR")
@@ -72,11 +76,14 @@ hpt_container_args() {
 # each of the comma-separated NODES, the first on accelerator OFFSET. Sets
 # HPT_SERVER_PID (the srun in the background) and HPT_ROLLOUT_URLS ([u1,u2,...]).
 hpt_start_rollout_servers() {
-  local nodes=$1 offset=$2 node i addr urls=()
-  local -a cmd=(srun --nodes="$(tr ',' '\n' <<<"$nodes" | wc -l)" --nodelist="$nodes"
+  local nodes=$1 offset=$2 node i addr urls=() nnodes
+  nnodes=$(tr ',' '\n' <<<"$nodes" | wc -l)
+  # What rollout_server.sh reads, in the step's environment (srun passes ours on).
+  export ROLLOUT_SERVER ROLLOUT_MODEL ROLLOUT_TP ROLLOUT_BASE_PORT ROLLOUT_DEVICE ROLLOUT_SERVER_ARGS HPT_PYTHON SGLANG_PYTHON
+  local -a cmd=(srun --nodes="$nnodes" --ntasks="$((nnodes * SERVERS_PER_NODE))" --nodelist="$nodes"
     --ntasks-per-node="$SERVERS_PER_NODE" --job-name=hpt-rollout --overlap --kill-on-bad-exit=0
     "${HPT_CONTAINER_ARGS[@]}"
-    env HPT_ROLLOUT_GPU_OFFSET="$offset" bash "$HPT_LAUNCH_DIR/rollout_server.sh")
+    env HPT_ROLLOUT_GPU_OFFSET="$offset" bash "$HPT_STEP_LAUNCH_DIR/rollout_server.sh")
   for node in ${nodes//,/ }; do
     addr=$(hpt_node_addr "$node")
     for ((i = 0; i < SERVERS_PER_NODE; i++)); do
@@ -95,6 +102,18 @@ hpt_start_rollout_servers() {
   hpt_wait_healthy "${urls[@]}"
 }
 
+# hpt_http_ok URL: GET URL/health answers 200 (bash's /dev/tcp: no curl or Python
+# needed on the node running the batch script).
+hpt_http_ok() {
+  local hostport=${1#http://} code
+  (
+    exec 3<>"/dev/tcp/${hostport%:*}/${hostport##*:}" || exit 1
+    printf 'GET /health HTTP/1.0\r\nHost: %s\r\n\r\n' "${hostport%:*}" >&3
+    read -r -t 10 _ code _ <&3 || exit 1
+    [[ $code == 200 ]]
+  ) 2>/dev/null
+}
+
 # hpt_wait_healthy URL...: wait until every server answers GET /health with 200,
 # failing early when the server step dies or ROLLOUT_STARTUP_TIMEOUT_S passes.
 hpt_wait_healthy() {
@@ -102,8 +121,7 @@ hpt_wait_healthy() {
   while :; do
     pending=()
     for url in "$@"; do
-      "$HPT_PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/health", timeout=5)' "$url" \
-        >/dev/null 2>&1 || pending+=("$url")
+      hpt_http_ok "$url" || pending+=("$url")
     done
     ((${#pending[@]} == 0)) && { hpt_log "rollout servers are up"; return 0; }
     if [[ -n ${HPT_SERVER_PID:-} ]] && ! kill -0 "$HPT_SERVER_PID" 2>/dev/null; then
@@ -111,7 +129,7 @@ hpt_wait_healthy() {
     fi
     ((SECONDS < deadline)) || hpt_die "rollout servers ${pending[*]} not healthy after ${ROLLOUT_STARTUP_TIMEOUT_S:-600} s"
     ((HPT_PREEMPTED)) && return 0
-    sleep 2
+    sleep 1
   done
 }
 
@@ -131,18 +149,22 @@ hpt_step_ids() {
 }
 
 # Pre-emption. SLURM sends USR1 (sbatch --signal=B:USR1@120) or TERM to this batch
-# shell only. Forward TERM to the trainer step with `scancel --signal=TERM JOB.STEP`:
-# srun then delivers it to every task (torchrun, which passes it to its ranks).
-# `kill -TERM <srun pid>` or `scancel --full` would make srun SIGKILL the tasks.
+# shell only. Forward TERM to the trainer's torchrun agents alone (signal_trainer.sh,
+# one task per trainer node): torchrun passes it to its ranks, which checkpoint and
+# exit. Fallback when that finds none: `scancel --signal=TERM JOB.STEP`, which
+# reaches every process of the step. Never `kill -TERM <srun pid>` or
+# `scancel --full`: srun then SIGKILLs the tasks.
 HPT_PREEMPTED=0
 hpt_on_preempt() {
   HPT_PREEMPTED=1
-  local steps
-  steps=$(hpt_step_ids hpt-trainer)
-  hpt_log "pre-emption signal: asking the trainer (${steps:-not started}) to checkpoint and exit"
-  if [[ -n $steps ]]; then
-    scancel --signal=TERM "$steps" || true
-  fi
+  local step
+  step=$(hpt_step_ids hpt-trainer)
+  hpt_log "pre-emption signal: asking the trainer (${step:-not started}) to checkpoint and exit"
+  [[ -n $step ]] || return 0
+  srun --overlap --nodes="$HPT_TRAINER_NNODES" --ntasks="$HPT_TRAINER_NNODES" --nodelist="$HPT_TRAINER_NODES" \
+    --ntasks-per-node=1 --job-name=hpt-signal --kill-on-bad-exit=0 \
+    env HPT_TRAINER_STEP="$step" bash "$HPT_LAUNCH_DIR/signal_trainer.sh" ||
+    scancel --signal=TERM "$step" || true
 }
 hpt_trap_preemption() { trap hpt_on_preempt USR1 TERM; }
 
@@ -160,22 +182,40 @@ hpt_wait() {
   done
 }
 
+# hpt_data_parallel NNODES OVERRIDES...: the data_parallel_size=N override for
+# NNODES x NPROC_PER_NODE ranks and the recipe's TP x PP (launchers/recipe_layout.py,
+# run where the package is: in the image when there is one).
+hpt_data_parallel() {
+  local nnodes=$1
+  shift
+  local -a cmd=("$HPT_PYTHON" "$HPT_STEP_LAUNCH_DIR/../recipe_layout.py" "$RECIPE" "$((nnodes * NPROC_PER_NODE))" "$@")
+  if [[ -n ${CONTAINER_IMAGE:-} && ${HPT_DRY_RUN:-0} != 1 ]]; then
+    cmd=(srun --nodes=1 --ntasks=1 --overlap --job-name=hpt-layout "${HPT_CONTAINER_ARGS[@]}" "${cmd[@]}")
+  elif [[ -n ${CONTAINER_IMAGE:-} ]]; then
+    cmd[1]="$HPT_LAUNCH_DIR/../recipe_layout.py"  # a dry run reads the recipe here
+  fi
+  "${cmd[@]}" || hpt_die "cannot lay out $((nnodes * NPROC_PER_NODE)) trainer ranks for recipe $RECIPE"
+}
+
 # hpt_train NODES NNODES OVERRIDES...: run the trainer with torchrun on NODES, one
 # torchrun per node with NPROC_PER_NODE ranks, c10d rendezvous at MASTER_ADDR.
 # Returns the trainer's exit status (0 after a pre-emption checkpoint).
 hpt_train() {
-  local nodes=$1 nnodes=$2
+  local nodes=$1 nnodes=$2 data_parallel
   shift 2
+  data_parallel=$(hpt_data_parallel "$nnodes" "$@")
   # torchrun gives its ranks this long to write the pre-emption checkpoint before
   # SIGKILL (its default is 30 s); keep it below the --signal lead time.
   export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${CHECKPOINT_GRACE_S:-100}
-  local -a cmd=(srun --nodes="$nnodes" --nodelist="$nodes" --ntasks-per-node=1 --job-name=hpt-trainer
+  HPT_TRAINER_NODES=$nodes
+  HPT_TRAINER_NNODES=$nnodes
+  local -a cmd=(srun --nodes="$nnodes" --ntasks="$nnodes" --nodelist="$nodes" --ntasks-per-node=1 --job-name=hpt-trainer
     --kill-on-bad-exit=1 "${HPT_TRAINER_SRUN_ARGS[@]}" "${HPT_CONTAINER_ARGS[@]}"
     "$HPT_PYTHON" -m torch.distributed.run
     --nnodes="$nnodes" --nproc-per-node="$NPROC_PER_NODE"
     --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="hpt-$SLURM_JOB_ID"
     -m megatron_hpt.cli train --recipe "$RECIPE" --resume
-    "run.output_dir=$OUTPUT_DIR" "$@")
+    "output_dir=$OUTPUT_DIR" "$data_parallel" "$@")
   hpt_show_cmd "${cmd[@]}"
   [[ ${HPT_DRY_RUN:-0} == 1 ]] && return 0
   if ((HPT_PREEMPTED)); then

@@ -7,6 +7,7 @@
 #   ROLLOUT_SERVER=own     python -m megatron_hpt.rollout.server (the project's own
 #                          SGLang-protocol server; the CPU profile uses it)
 # ROLLOUT_SERVER_ARGS adds arguments to either (e.g. "--mem-fraction-static 0.8").
+# HPT_DRY_RUN=1 prints the command and exits.
 set -euo pipefail
 
 local_id=${SLURM_LOCALID:-0}
@@ -32,4 +33,5 @@ esac
 printf '[rollout %s:%s]' "${SLURMD_NODENAME:-$(hostname)}" "$port"
 printf ' %q' "${cmd[@]}"
 printf '\n'
+[[ ${HPT_DRY_RUN:-0} == 1 ]] && exit 0
 exec "${cmd[@]}"

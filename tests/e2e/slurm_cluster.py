@@ -35,6 +35,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,10 +70,20 @@ class LocalSlurmCluster:
     gpus_per_node: int = 2
     memory_mb: int = 4000
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _munge_dir: Path | None = None
 
     @property
     def node_names(self) -> list[str]:
         return [f"node{i + 1}" for i in range(self.num_nodes)]
+
+    @property
+    def munge_dir(self) -> Path:
+        """munged's key, socket and logs: a folder of its own under /tmp, because munged
+        (running as ``munge``) must traverse every parent, and pytest's temporary
+        folders are private to root."""
+        if self._munge_dir is None:
+            self._munge_dir = Path(tempfile.mkdtemp(prefix="hpt-munge-"))
+        return self._munge_dir
 
     @property
     def conf(self) -> Path:
@@ -88,7 +99,7 @@ class LocalSlurmCluster:
         r = self.root
         for sub in ("state", "log", "dev"):
             (r / sub).mkdir(parents=True, exist_ok=True)
-        munge_dir = r / "munge"
+        munge_dir = self.munge_dir
         munge_dir.mkdir(exist_ok=True)
         munge_dir.chmod(0o755)  # munged requires others to be able to reach its socket
         key = munge_dir / "munge.key"
@@ -173,7 +184,7 @@ class LocalSlurmCluster:
     def start(self, timeout_s: float = 60.0) -> None:
         """Write the configuration, start the daemons, wait until every node is idle."""
         self._write_config()
-        m = self.root / "munge"
+        m = self.munge_dir
         self._spawn(
             "munged",
             [
@@ -216,7 +227,7 @@ class LocalSlurmCluster:
     def logs(self, tail: int = 40) -> str:
         """The last lines of every daemon log, for failure messages."""
         parts = []
-        for path in sorted((self.root / "log").glob("*")) + [self.root / "munge" / "munged.log"]:
+        for path in sorted((self.root / "log").glob("*")) + [self.munge_dir / "munged.log"]:
             if path.is_file():
                 lines = path.read_text(errors="replace").splitlines()[-tail:]
                 parts.append(f"--- {path.name}\n" + "\n".join(lines))
@@ -239,11 +250,17 @@ class LocalSlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._munge_dir is not None:
+            shutil.rmtree(self._munge_dir, ignore_errors=True)
 
     # --- client helpers --------------------------------------------------------------
 
-    def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(list(argv), env=self.env, capture_output=True, text=True, check=check)
+    def run(self, *argv: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """A SLURM client command against this cluster (``env`` must keep SLURM_CONF)."""
+        proc = subprocess.run(list(argv), env=env or self.env, capture_output=True, text=True)
+        if check and proc.returncode:
+            raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return proc
 
     def squeue(self) -> list[str]:
         out = self.run("squeue", "-h", "-o", "%i %T", check=False).stdout
