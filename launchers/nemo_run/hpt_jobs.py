@@ -20,12 +20,14 @@ write a checkpoint and exit; the non-zero torchrun status makes NeMo-Run's scrip
 runs the same ``train --resume`` command, which continues from that checkpoint.
 
 This module imports nemo_run (the ``launch`` extra, installed in ``.venv-launch`` by
-``make launch-env``) and never megatron_hpt: jobs run the CLI in the job's environment.
+``make launch-env``) and, of megatron-hpt, only the YAML recipe loader (to size
+data parallelism); jobs run the CLI in the job's environment.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import sys
@@ -35,6 +37,8 @@ from pathlib import Path
 import nemo_run as run
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "launchers"))
+from recipe_layout import data_parallel_override  # noqa: E402  (reads the recipe YAML only)
 IMAGE_REPO_ROOT = "/opt/megatron-hpt"
 """Where the Dockerfile puts this repository inside the image."""
 ROLLOUT_SERVER_SCRIPT = "launchers/slurm/rollout_server.sh"
@@ -123,10 +127,14 @@ def slurm_executor(
 
 
 def local_executor(cluster: ClusterSettings, *, launcher: str | None) -> run.LocalExecutor:
+    env = cluster.env()
+    if os.sep in cluster.python:
+        # torchrun comes from the same environment as the job's Python.
+        env["PATH"] = f"{Path(cluster.python).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return run.LocalExecutor(
         ntasks_per_node=cluster.trainer_ranks() if launcher == "torchrun" else 1,
         launcher=launcher,
-        env_vars=cluster.env(),
+        env_vars=env,
     )
 
 
@@ -134,12 +142,50 @@ def local_executor(cluster: ClusterSettings, *, launcher: str | None) -> run.Loc
 
 
 def cli_task(cluster: ClusterSettings, *args: str) -> run.Script:
-    """``python -m megatron_hpt.cli ARGS`` (under torchrun when the executor has it)."""
+    """``python -m megatron_hpt.cli ARGS`` (under torchrun when the executor has the
+    torchrun launcher)."""
     return run.Script(path="megatron_hpt.cli", entrypoint=cluster.python, m=True, args=list(args))
 
 
-def train_args(recipe: str, output_dir: str, overrides: list[str]) -> list[str]:
-    return ["train", "--recipe", recipe, "--resume", f"run.output_dir={output_dir}", *overrides]
+def launcher_safe(args: list[str]) -> bool:
+    """Whether NeMo-Run's torchrun launcher passes ``args`` through intact. It
+    shell-quotes each argument and the Slurm script quotes the command line again,
+    so an argument that needs quoting (``rollout.urls=[http://h:30000]``,
+    ``eval.benchmarks=[]``) would reach the CLI with literal quotes; the local
+    scheduler, which runs no shell, would keep them too."""
+    return all(shlex.quote(arg) == arg for arg in args)
+
+
+def torchrun_script_task(cluster: ClusterSettings, cli_args: list[str], *, nodes_var: str | None, prelude: str = "") -> run.Script:
+    """torchrun as a bash script of our own (our quoting, one level): on Slurm, one
+    agent per node of ``$nodes_var`` with c10d rendezvous at the first node's address;
+    locally (``nodes_var`` None), ``--standalone``. ``prelude`` runs first and may
+    append to the bash array ``extra`` (more CLI arguments)."""
+    ranks = cluster.trainer_ranks()
+    cli = shlex.join(cli_args)
+    if nodes_var is None:
+        torchrun = f'{cluster.python} -m torch.distributed.run --standalone --nproc-per-node={ranks} -m megatron_hpt.cli {cli} "${{extra[@]}}"'
+        where = ""
+    else:
+        where = f"""head=$(scontrol show hostnames "${nodes_var}" | head -n1)
+master=$(scontrol show node "$head" -o | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p')
+nnodes=$(scontrol show hostnames "${nodes_var}" | wc -l)
+"""
+        torchrun = (
+            f'{cluster.python} -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node={ranks} '
+            f'--rdzv-backend=c10d --rdzv-endpoint="${{master:-$head}}:{TRAINER_RDZV_PORT}" --rdzv-id="hpt-$SLURM_JOB_ID" '
+            f'-m megatron_hpt.cli {cli} "${{extra[@]}}"'
+        )
+    return run.Script(inline=f"set -euo pipefail\nextra=()\n{prelude}{where}exec {torchrun}\n", entrypoint="bash")
+
+
+def train_args(recipe: str, output_dir: str, overrides: list[str], world_size: int) -> list[str]:
+    """``train --resume`` with the run's output_dir and the data-parallel size that
+    makes ``world_size`` ranks fit the recipe's TP x PP."""
+    return [
+        "train", "--recipe", recipe, "--resume", f"output_dir={output_dir}",
+        data_parallel_override(recipe, world_size, overrides), *overrides,
+    ]
 
 
 def rollout_servers_task(cluster: ClusterSettings, *, model: str, server: str, tp: int, base_port: int) -> run.Script:
@@ -161,21 +207,16 @@ def rollout_servers_task(cluster: ClusterSettings, *, model: str, server: str, t
 
 def trainer_with_servers_task(
     cluster: ClusterSettings,
+    cli_args: list[str],
     *,
-    recipe: str,
-    output_dir: str,
-    overrides: list[str],
     servers_per_node: int,
     base_port: int,
     startup_timeout_s: int = 900,
 ) -> run.Script:
     """The trainer in het group 1 of a heterogeneous job whose group 0 runs rollout
     servers: it derives the servers' URLs from group 0's nodes, waits for their
-    /health, then starts torchrun with c10d rendezvous on its own first node."""
-    train = shlex.join(train_args(recipe, output_dir, overrides))
-    return run.Script(
-        inline=f"""set -euo pipefail
-urls=()
+    /health, then starts torchrun over its own nodes, attached to the servers."""
+    prelude = f"""urls=()
 for node in $(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_0"); do
   addr=$(scontrol show node "$node" -o | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p')
   for ((i = 0; i < {servers_per_node}; i++)); do urls+=("http://${{addr:-$node}}:$(({base_port} + i))"); done
@@ -187,15 +228,9 @@ for url in "${{urls[@]}}"; do
     sleep 5
   done
 done
-head=$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_1" | head -n1)
-master=$(scontrol show node "$head" -o | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p')
-exec {cluster.python} -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES_HET_GROUP_1" \\
-  --nproc-per-node={cluster.trainer_ranks()} --rdzv-backend=c10d --rdzv-endpoint="${{master:-$head}}:{TRAINER_RDZV_PORT}" \\
-  --rdzv-id="hpt-$SLURM_JOB_ID" -m megatron_hpt.cli {train} \\
-  rollout.engine=attach "rollout.urls=[$(IFS=,; echo "${{urls[*]}}")]"
-""",
-        entrypoint="bash",
-    )
+extra+=(rollout.engine=attach "rollout.urls=[$(IFS=,; echo "${{urls[*]}}")]")
+"""
+    return torchrun_script_task(cluster, cli_args, nodes_var="SLURM_JOB_NODELIST_HET_GROUP_1", prelude=prelude)
 
 
 # --- jobs -----------------------------------------------------------------------------
@@ -211,12 +246,19 @@ class Job:
 
 
 def train_job(cluster: ClusterSettings, args: argparse.Namespace) -> Job:
-    overrides = list(args.overrides)
+    output_dir = args.output_dir or "runs/hpt-train"
     if args.rollout_nodes == 0:
-        task = cli_task(cluster, *train_args(args.recipe, args.output_dir, overrides))
+        world_size = (cluster.nodes if cluster.executor == "slurm" else 1) * cluster.trainer_ranks()
+        cli_args = train_args(args.recipe, output_dir, args.overrides, world_size)
+        if launcher_safe(cli_args):  # NeMo-Run's torchrun launcher
+            task, launcher = cli_task(cluster, *cli_args), "torchrun"
+        else:
+            nodes_var = "SLURM_JOB_NODELIST" if cluster.executor == "slurm" else None
+            task, launcher = torchrun_script_task(cluster, cli_args, nodes_var=nodes_var), None
         if cluster.executor == "local":
-            return Job(name="hpt-train", tasks=[task], executors=[local_executor(cluster, launcher="torchrun")])
-        executor = slurm_executor(cluster, nodes=cluster.nodes, launcher="torchrun", requeue=True)
+            executor = local_executor(cluster, launcher=launcher)
+        else:
+            executor = slurm_executor(cluster, nodes=cluster.nodes, launcher=launcher, requeue=True)
         return Job(name="hpt-train", tasks=[task], executors=[executor])
 
     if cluster.executor != "slurm":
@@ -229,18 +271,12 @@ def train_job(cluster: ClusterSettings, args: argparse.Namespace) -> Job:
     servers = slurm_executor(cluster, nodes=args.rollout_nodes, launcher=None, requeue=True, heterogeneous=True)
     servers.ntasks_per_node = servers_per_node
     trainer = slurm_executor(cluster, nodes=cluster.nodes, launcher=None, requeue=True, heterogeneous=True)
+    cli_args = train_args(args.recipe, output_dir, args.overrides, cluster.nodes * cluster.trainer_ranks())
     return Job(
         name="hpt-train-mn",
         tasks=[
             rollout_servers_task(cluster, model=args.rollout_model, server=args.rollout_server, tp=args.rollout_tp, base_port=args.rollout_base_port),
-            trainer_with_servers_task(
-                cluster,
-                recipe=args.recipe,
-                output_dir=args.output_dir,
-                overrides=overrides,
-                servers_per_node=servers_per_node,
-                base_port=args.rollout_base_port,
-            ),
+            trainer_with_servers_task(cluster, cli_args, servers_per_node=servers_per_node, base_port=args.rollout_base_port),
         ],
         executors=[servers, trainer],
     )
@@ -248,9 +284,9 @@ def train_job(cluster: ClusterSettings, args: argparse.Namespace) -> Job:
 
 def convert_job(cluster: ClusterSettings, args: argparse.Namespace) -> Job:
     if args.direction == "hf-to-megatron":
-        cli = ["convert", "hf-to-megatron", "--hf", args.src, "--out", args.dest, "--tp", str(args.tp), "--pp", str(args.pp)]
-    else:
-        cli = ["convert", "megatron-to-hf", "--megatron", args.src, "--out", args.dest]
+        cli = ["convert", "hf-to-megatron", args.src, args.dest, "--tp", str(args.tp), "--pp", str(args.pp)]
+    else:  # a model checkpoint: a conversion's output, or a training checkpoint's weights/
+        cli = ["convert", "megatron-to-hf", args.src, args.dest]
     task = cli_task(cluster, *cli, *args.overrides)
     if cluster.executor == "local":
         return Job(name="hpt-convert", tasks=[task], executors=[local_executor(cluster, launcher=None)])
@@ -258,7 +294,7 @@ def convert_job(cluster: ClusterSettings, args: argparse.Namespace) -> Job:
 
 
 def demo_job(cluster: ClusterSettings, args: argparse.Namespace) -> Job:
-    task = cli_task(cluster, "demo", *args.overrides)
+    task = cli_task(cluster, "demo", *(["--output-dir", args.output_dir] if args.output_dir else []), *args.overrides)
     if cluster.executor == "local":
         return Job(name="hpt-demo", tasks=[task], executors=[local_executor(cluster, launcher=None)])
     return Job(name="hpt-demo", tasks=[task], executors=[slurm_executor(cluster, nodes=1, launcher=None, requeue=False)])
@@ -333,7 +369,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ClusterSettings, argparse
     where.add_argument("--max-requeues", type=int, default=10)
     train = parser.add_argument_group("train")
     train.add_argument("--recipe", default="hpt-qwen2.5-math-7b-8gpu")
-    train.add_argument("--output-dir", default="runs/hpt-train", help="run.output_dir (checkpoints); fixed across requeues")
+    train.add_argument(
+        "--output-dir", help="the run's output_dir (train: default runs/hpt-train, fixed across requeues; demo: its folder)"
+    )
     train.add_argument("--rollout-nodes", type=int, default=0, help="nodes for SGLang servers (0: the trainer owns its engine)")
     train.add_argument("--rollout-model", help="HF checkpoint the rollout servers load")
     train.add_argument("--rollout-server", choices=["sglang", "own"], default="sglang")
