@@ -116,7 +116,7 @@ def test_single_node_training_is_preempted_requeued_and_resumes(cluster, tiny_qw
     """USR1 to the batch shell (what --signal=B:USR1@120 sends before the time limit):
     the trainer checkpoints and exits, the job requeues itself, and the requeued job's
     `train --resume` continues from that checkpoint to the last step."""
-    run_dir, steps = tmp_path / "run", 30
+    run_dir, steps = tmp_path / "run", 20
     env = _env(
         cluster,
         RECIPE="demo-cpu",
