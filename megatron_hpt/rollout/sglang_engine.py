@@ -105,6 +105,8 @@ class SGLangEngine(RolloutEngine):
         self._servers: list[_Server] = self._run(self._make_servers(urls, processes))
         self._senders: dict[str, DistributedWeightSender] = {}
         self._pick_counter = 0
+        self._last_disk_weights: dict | None = None
+        """The last /update_weights_from_disk body: a restarted server gets it again."""
         self.completed_units = 0
         """Prompts answered so far (all generate calls); tests use it to act mid-batch."""
 
@@ -261,6 +263,12 @@ class SGLangEngine(RolloutEngine):
                 if not self.cfg.restart_dead_servers:
                     return  # stays down; the other servers take its prompts
                 await asyncio.to_thread(proc.restart, self.cfg.startup_timeout_s)
+                # A restarted server boots with the launch weights; without this it
+                # would serve rollouts from a stale policy.
+                if self._last_disk_weights is not None:
+                    reply = await server.client.post("/update_weights_from_disk", self._last_disk_weights)
+                    if not (isinstance(reply, dict) and reply.get("success")):
+                        raise RolloutError(f"{server.client.url} restarted but did not reload the weights: {reply}")
             else:
                 while await server.client.status("/health_generate") != 200:
                     if proc is not None and not proc.alive():
@@ -282,7 +290,9 @@ class SGLangEngine(RolloutEngine):
             raise RolloutError(str(e)) from e
 
     def update_weights_from_disk(self, path: str, version: str) -> None:
-        replies = self._all("/update_weights_from_disk", {"model_path": str(path), "weight_version": str(version), "flush_cache": True})
+        body = {"model_path": str(path), "weight_version": str(version), "flush_cache": True}
+        replies = self._all("/update_weights_from_disk", body)
+        self._last_disk_weights = body
         for url, r in zip(self.urls, replies):
             if not (isinstance(r, dict) and r.get("success")):
                 raise RolloutError(f"{url} did not load {path}: {r}")

@@ -52,11 +52,16 @@ class TrainLoopConfig:
     """Prompts per rollout step (paper: 128)."""
     mini_batch_size: int = 64
     """Prompts per optimizer step (paper: 64, so two optimizer steps per rollout step)."""
+    epochs: int = 1
+    """Passes over each rollout step's rows (PPO epochs; paper: 1). Later passes are
+    off-policy: their importance ratios use the old log-probs taken before the first."""
     step: TrainStepConfig = field(default_factory=TrainStepConfig)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.rollout_batch_size % self.mini_batch_size:
             raise ValueError(
                 f"rollout_batch_size={self.rollout_batch_size} must be a multiple of "
@@ -65,7 +70,8 @@ class TrainLoopConfig:
 
     @property
     def minibatches_per_step(self) -> int:
-        return self.rollout_batch_size // self.mini_batch_size
+        """Optimizer steps per rollout step (mini-batches x epochs)."""
+        return self.rollout_batch_size // self.mini_batch_size * self.epochs
 
 
 @dataclass(kw_only=True, frozen=True)

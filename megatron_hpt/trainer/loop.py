@@ -218,7 +218,8 @@ class Trainer:
         cfg = self.cfg
         rows = batch.rows
         lengths = row_lengths(rows)
-        minibatches = minibatch_split([r.group for r in rows], cfg.train.minibatches_per_step)
+        minibatches = minibatch_split([r.group for r in rows], cfg.train.rollout_batch_size // cfg.train.mini_batch_size)
+        minibatches = minibatches * cfg.train.epochs
         local = [balanced_split(lengths, mb, self.st.dp_size)[self.st.dp_rank] for mb in minibatches]
         temperature = cfg.rollout.temperature
         needs_old = self.loss_config.reference in ("old", "sequence")
@@ -227,7 +228,8 @@ class Trainer:
         with timer("logprobs"):
             # The first mini-batch trains on the current weights, so its old log-probs are the
             # step's own (ratio exactly 1, no extra forward); later ones need a forward pass now.
-            later = [i for mb in local[1:] for i in mb if rows[i].kind == "rl"] if needs_old else []
+            # (With several epochs the first mini-batch's rows come round again, so they are here too.)
+            later = sorted({i for mb in local[1:] for i in mb if rows[i].kind == "rl"}) if needs_old else []
             if later:
                 old = {i: v[0] for i, v in self.policy.forward_logprobs(
                     rows, later, temperature=temperature, precision=cfg.train.step.precision.old_logprobs).items()}

@@ -66,6 +66,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def optimizer_has_state(optimizer) -> bool:
+    """Whether the (chained) megatron optimizer has taken a step yet (on any rank)."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    flag = torch.tensor([int(any(len(sub.optimizer.state) > 0 for sub in subs if sub.optimizer is not None))])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The newest complete checkpoint under ``root``, or None."""
     root = Path(root)
@@ -96,9 +105,13 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         (tmp / "rng").mkdir(parents=True)
     _barrier()
+    # Before its first update an optimizer has no state to save (and megatron cannot load
+    # an empty one back into an initialized optimizer); a fresh optimizer is exact then.
+    with_optimizer = optimizer_has_state(policy.optimizer)
     save_model_checkpoint(
         policy.module, tmp / "weights", hf_dir=hf_dir,
-        extra_state=lambda model_sd: {"optimizer": policy.optimizer.sharded_state_dict(model_sd)},
+        extra_state=(lambda model_sd: {"optimizer": policy.optimizer.sharded_state_dict(model_sd)})
+        if with_optimizer else None,
     )
     torch.save(rng_state(), tmp / "rng" / f"rank_{st.rank:05d}.pt")
     if st.rank == 0:
@@ -109,6 +122,7 @@ def save_checkpoint(
                 "optimizer_steps": policy.optimizer_steps,
                 "skipped_steps": policy.skipped_steps,
                 "world_size": st.world_size,
+                "with_optimizer": with_optimizer,
                 "extra": extra,
             },
             tmp / "trainer_state.pt",
@@ -143,11 +157,17 @@ def load_checkpoint(path: str | Path, policy, st: ParallelState) -> dict[str, An
     if not (path / "trainer_state.pt").is_file():
         raise FileNotFoundError(f"{path} is not a complete training checkpoint (no trainer_state.pt)")
     state = torch.load(path / "trainer_state.pt", weights_only=False)
+    with_optimizer = state.get("with_optimizer", True)
     loaded = load_model_checkpoint(
         policy.module, path / "weights",
-        extra_state=lambda model_sd: {"optimizer": policy.optimizer.sharded_state_dict(model_sd, is_loading=True)},
+        extra_state=(lambda model_sd: {"optimizer": policy.optimizer.sharded_state_dict(model_sd, is_loading=True)})
+        if with_optimizer else None,
     )
-    policy.optimizer.load_state_dict(loaded["optimizer"])
+    if with_optimizer:
+        policy.optimizer.load_state_dict(loaded["optimizer"])
+    else:
+        for sub in getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]):
+            sub.optimizer.state.clear()
     policy.scheduler.load_state_dict(state["scheduler"])
     policy.optimizer_steps = state["optimizer_steps"]
     policy.skipped_steps = state["skipped_steps"]

@@ -22,6 +22,9 @@ from megatron_hpt.losses import LossConfig, LossInputs, LossNormalizers, unified
 from megatron_hpt.training.batching import MicroBatch
 from megatron_hpt.training.logprobs import vocab_parallel_logprobs
 
+NONFINITE_KEY = "train/nonfinite_logp_tokens"
+"""Metric: loss tokens whose log-prob was NaN/inf in a step (the step is then skipped)."""
+
 
 def run_schedule(model, microbatches: list[MicroBatch], forward_step, *, forward_only: bool):
     """One megatron ``forward_backward_func`` call over the given micro-batches."""
@@ -102,6 +105,12 @@ def train_forward_step(
             logp, entropy = vocab_parallel_logprobs(
                 logits, mb.targets, tp_group=tp_group, temperature=temperature, chunk_rows=chunk_rows
             )
+            bad = int((~torch.isfinite(logp.detach()) & (mb.loss_mask.to(logp.device) != 0)).sum())
+            num_tokens = torch.tensor(mb.num_loss_tokens, dtype=torch.int, device=logits.device)
+            if bad:
+                # A diverged model (NaN/inf log-probs) must not crash the run: no loss from this
+                # micro-batch, and the flag makes the policy skip the optimizer step.
+                return (logp.nan_to_num(0.0, 0.0, 0.0) * 0).sum(), num_tokens, {NONFINITE_KEY: torch.tensor(float(bad))}
             inputs = LossInputs(
                 logp=logp,
                 mask=mb.loss_mask,
@@ -115,7 +124,6 @@ def train_forward_step(
                 row_weight=mb.row_weight,
             )
             loss, metrics = unified_loss(loss_config, inputs, normalizers)
-            num_tokens = torch.tensor(mb.num_loss_tokens, dtype=torch.int, device=logits.device)
             reported = {k: v.detach().float() for k, v in metrics.items()}
             return loss * total_loss_tokens, num_tokens, reported
 

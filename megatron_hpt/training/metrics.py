@@ -26,14 +26,10 @@ def reduce_step_metrics(losses: list[dict[str, torch.Tensor]], st: ParallelState
             else:
                 values[key] = values.get(key, 0.0) + x
     if st.is_last_stage and st.dp_size > 1:
-        # Every DP rank must reduce the same keys in the same order.
-        keys = [None]
-        if st.dp_rank == 0:
-            keys = [sorted(values)]
-        from megatron.core import parallel_state as mps
-
-        dist.broadcast_object_list(keys, src=mps.get_data_parallel_src_rank(), group=st.dp_group)
-        keys = keys[0]
+        # Every DP rank must reduce the same keys in the same order: the union of all ranks' keys.
+        gathered: list = [None] * st.dp_size
+        dist.all_gather_object(gathered, sorted(values), group=st.dp_group)
+        keys = sorted(set().union(*gathered))
         sums = torch.tensor([values.get(k, 0.0) for k in keys if k not in MAX_METRICS], dtype=torch.float64)
         maxes = torch.tensor([values.get(k, float("-inf")) for k in keys if k in MAX_METRICS], dtype=torch.float64)
         dist.all_reduce(sums, group=st.dp_group)

@@ -23,7 +23,7 @@ from megatron_hpt.models import ModelConfig, build_gpt_model
 from megatron_hpt.parallel import ParallelState
 from megatron_hpt.training.batching import CostModel, MicroBatch, build_microbatch, dynamic_batches
 from megatron_hpt.training.config import LogprobPrecision, TrainStepConfig
-from megatron_hpt.training.forward import logprob_forward_step, run_schedule, train_forward_step
+from megatron_hpt.training.forward import NONFINITE_KEY, logprob_forward_step, run_schedule, train_forward_step
 from megatron_hpt.training.metrics import reduce_step_metrics
 from megatron_hpt.training.precision import fp8_autocast, validate_precision
 
@@ -67,7 +67,8 @@ class StepResult:
     updated: bool
     grad_norm: float
     skipped_reason: str = ""
-    """"" when updated; "grad_norm_above_threshold", "non_finite_grad_norm" or "found_inf"."""
+    """"" when updated, else why not: "grad_norm_above_threshold", "non_finite_grad_norm",
+    "non_finite_loss" (NaN/inf log-probs) or "found_inf"."""
 
 
 class _StageModel:
@@ -90,7 +91,7 @@ class _StageModel:
             kwargs = {}
             for name, values in (extra or {}).items():
                 if values:
-                    kwargs[name] = [values[i] for i in idx]
+                    kwargs[name] = [values.get(i) for i in idx]  # rows without values stay 0
             out.append(build_microbatch([rows[i] for i in idx], idx, **kwargs))
         return out
 
@@ -247,7 +248,10 @@ class MegatronPolicy(_StageModel):
             rows, minibatch, local, loss_config, temperature=temperature, old_logp=old_logp,
             old_from_current=old_from_current, ref_logp=ref_logp, constant_normalizer=constant_normalizer,
         )
-        result = self._optimizer_step()
+        if metrics.get(NONFINITE_KEY, 0.0) > 0:
+            result = self._skip(float("nan"), "non_finite_loss")
+        else:
+            result = self._optimizer_step()
         metrics.update(
             {
                 "train/grad_norm": result.grad_norm,

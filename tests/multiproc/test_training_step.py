@@ -71,3 +71,14 @@ def test_grad_norm_above_threshold_skips_the_update(tiny_qwen2):
     assert skipped["metrics"]["train/skipped"] == 1.0
     (normal,) = run_ranks(skip_step, 1, str(tiny_qwen2), 80.0)
     assert normal["result"].updated and normal["changed"] and normal["metrics"]["train/skipped"] == 0.0
+
+
+def test_checkpoint_killed_mid_write_leaves_the_previous_one_loadable(tiny_qwen2, tmp_path):
+    from tests.multiproc.training_fixtures import checkpoint_survives_a_failed_save
+
+    (r,) = run_ranks(checkpoint_survives_a_failed_save, 1, str(tiny_qwen2), str(tmp_path / "ckpt"))
+    assert r["died"] and r["moved"]
+    assert r["latest"] == "step_000001"
+    assert r["state"]["step"] == 1 and r["state"]["extra"] == {"sampler": {"position": 1}}
+    assert r["restored"]
+    assert r["after"] == ["latest", "step_000001", "step_000003"]

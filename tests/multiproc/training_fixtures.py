@@ -121,3 +121,43 @@ def skip_step(hf_dir: str, skip_above: float):
     )
     changed = any(not torch.equal(before[n], p.detach()) for n, p in policy.module.named_parameters())
     return {"result": result, "metrics": metrics, "changed": changed, "skipped_steps": policy.skipped_steps}
+
+
+def checkpoint_survives_a_failed_save(hf_dir: str, root: str):
+    """Save at step 1, train, then a save at step 2 that dies half-way (after the weights,
+    before the trainer state): the latest checkpoint is still step 1 and loads exactly."""
+    import megatron_hpt.training.checkpoint as ckpt
+    from megatron_hpt.losses import get_preset
+
+    st, policy = _policy(hf_dir, 1, 1, 4096, lr=1e-2)
+    rows = mixed_rows(seed=7)
+    idx = list(range(len(rows)))
+    ckpt.save_checkpoint(root, 1, policy, st, {"sampler": {"position": 1}}, hf_dir=hf_dir)
+    saved = {n: p.detach().clone() for n, p in policy.module.named_parameters()}
+    policy.train_minibatch(rows, idx, idx, get_preset("hpt"), temperature=1.0, old_from_current=True)
+    moved = any(not torch.equal(saved[n], p) for n, p in policy.module.named_parameters())
+
+    real_save = torch.save
+
+    def dying_save(obj, path, *a, **k):
+        if str(path).endswith("trainer_state.pt"):
+            raise KeyboardInterrupt("killed during the checkpoint write")
+        return real_save(obj, path, *a, **k)
+
+    ckpt.torch.save = dying_save
+    try:
+        ckpt.save_checkpoint(root, 2, policy, st, {"sampler": {"position": 2}}, hf_dir=hf_dir)
+        died = False
+    except KeyboardInterrupt:
+        died = True
+    finally:
+        ckpt.torch.save = real_save
+    latest = ckpt.latest_checkpoint(root)
+    state = ckpt.load_checkpoint(latest, policy, st)
+    restored = all(torch.equal(saved[n], p) for n, p in policy.module.named_parameters())
+    # the next good save cleans the partial one up
+    ckpt.save_checkpoint(root, 3, policy, st, {}, hf_dir=hf_dir)
+    import os
+
+    return {"died": died, "moved": moved, "latest": latest.name, "state": state, "restored": restored,
+            "after": sorted(os.listdir(root))}
