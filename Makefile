@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-all test-peer bench clean sglang-cpu sglang-contract
+.PHONY: install launch-env slurm-local demo test test-slow test-all test-peer bench clean sglang-cpu sglang-contract
 
 $(STAMP): setup.py constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,19 +23,35 @@ $(STAMP): setup.py constraints/cpu.txt
 
 install: $(STAMP)
 
+## NeMo-Run (the `launch` extra) in its own venv: it pulls ~120 packages (ray, torchx,
+## an old urllib3) that the core venv must not get. No torch.
+LAUNCH_VENV ?= .venv-launch
+LAUNCH_STAMP := $(LAUNCH_VENV)/.installed
+$(LAUNCH_STAMP): constraints/launch.txt
+	test -x $(LAUNCH_VENV)/bin/python || $(PYTHON) -m venv $(LAUNCH_VENV)
+	$(LAUNCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LAUNCH_VENV)/bin/python -m pip install -q -c constraints/launch.txt nemo-run leptonai
+	touch $(LAUNCH_STAMP)
+
+launch-env: $(LAUNCH_STAMP)
+
+## SLURM + munge from Debian's packages, for the launcher tests (root, apt).
+slurm-local:
+	bash launchers/slurm/ci/setup_local_slurm.sh
+
 ## The main job, end to end on the embedded default (tiny model, shipped data).
 demo: $(STAMP)
 	$(VENV)/bin/megatron-hpt demo
 
 ## The test suite CI runs (everything but tests marked slow or peer).
-test: $(STAMP)
+test: $(STAMP) $(LAUNCH_STAMP)
 	$(PY) -m pytest -m "not slow and not peer" $(PYTEST_ARGS)
 
 ## Tests too slow for CI.
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-test-all: $(STAMP) sglang-cpu
+test-all: $(STAMP) $(LAUNCH_STAMP) sglang-cpu
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## Conformance against real SGLang on CPU (builds .venv-sglang first if needed).
@@ -73,4 +89,4 @@ sglang-contract: $(STAMP)
 	$(PY) -m megatron_hpt.rollout.sglang_cpu.contract
 
 clean:
-	rm -rf $(VENV) $(SGLANG_VENV) runs .pytest_cache .cache
+	rm -rf $(VENV) $(LAUNCH_VENV) $(SGLANG_VENV) runs .pytest_cache .cache

