@@ -44,7 +44,7 @@ demo: $(STAMP)
 	$(VENV)/bin/megatron-hpt demo
 
 ## The test suite CI runs (everything but tests marked slow or peer).
-test: $(STAMP) $(LAUNCH_STAMP)
+test: $(STAMP) $(LAUNCH_STAMP) slurm-local
 	$(PY) -m pytest -m "not slow and not peer" $(PYTEST_ARGS)
 
 ## Tests too slow for CI.

@@ -256,24 +256,24 @@ class SGLangEngine(RolloutEngine):
 
     async def _recover(self, server: _Server) -> None:
         """Brings a failed server back: restart it when it is ours and dead, else wait
-        until it answers /health_generate again."""
+        until it answers /health_generate again; then it loads the last weights the
+        trainer pushed (a restarted server boots with its launch weights, and one that
+        failed during an update may have missed it), so it never serves a stale policy."""
         try:
             proc = server.process
             if proc is not None and not proc.alive():
                 if not self.cfg.restart_dead_servers:
                     return  # stays down; the other servers take its prompts
                 await asyncio.to_thread(proc.restart, self.cfg.startup_timeout_s)
-                # A restarted server boots with the launch weights; without this it
-                # would serve rollouts from a stale policy.
-                if self._last_disk_weights is not None:
-                    reply = await server.client.post("/update_weights_from_disk", self._last_disk_weights)
-                    if not (isinstance(reply, dict) and reply.get("success")):
-                        raise RolloutError(f"{server.client.url} restarted but did not reload the weights: {reply}")
             else:
                 while await server.client.status("/health_generate") != 200:
                     if proc is not None and not proc.alive():
                         return await self._recover(server)
                     await asyncio.sleep(0.5)
+            if self._last_disk_weights is not None:
+                reply = await server.client.post("/update_weights_from_disk", self._last_disk_weights)
+                if not (isinstance(reply, dict) and reply.get("success")):
+                    raise RolloutError(f"{server.client.url} came back but did not reload the weights: {reply}")
             server.down = False
         finally:
             server.recovering = None
@@ -290,13 +290,35 @@ class SGLangEngine(RolloutEngine):
             raise RolloutError(str(e)) from e
 
     def update_weights_from_disk(self, path: str, version: str) -> None:
+        """Every server loads ``path``. A server that is down (or dies now) is not an
+        error: it is restarted and loads these weights before it serves again."""
         body = {"model_path": str(path), "weight_version": str(version), "flush_cache": True}
-        replies = self._all("/update_weights_from_disk", body)
         self._last_disk_weights = body
+
+        async def go():
+            async def one(server: _Server):
+                if server.down:
+                    return None
+                try:
+                    return await server.client.post("/update_weights_from_disk", body)
+                except ServerUnavailable:
+                    self._mark_failed(server)
+                    return None
+
+            return await asyncio.gather(*(one(s) for s in self._servers))
+
+        try:
+            replies = self._run(go())
+        except RequestRefused as e:
+            raise RolloutError(str(e)) from e
         for url, r in zip(self.urls, replies):
-            if not (isinstance(r, dict) and r.get("success")):
+            if r is not None and not (isinstance(r, dict) and r.get("success")):
                 raise RolloutError(f"{url} did not load {path}: {r}")
-        self._all("/flush_cache")
+        if all(r is None for r in replies):
+            raise RolloutError(f"no rollout server is up to load {path}: " + ", ".join(self.urls))
+        for server, r in zip(self._servers, replies):
+            if r is not None:
+                self._run(server.client.post("/flush_cache"))
 
     def begin_weight_update(self) -> None:
         """Opens the servers' weight-update session (SGLang 0.5.23 requires one around

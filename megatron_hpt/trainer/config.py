@@ -113,8 +113,8 @@ class RunConfig:
     model: ModelConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data_parallel_size: int = 1
-    """Data-parallel ranks when the run starts its own ranks (world = TP x PP x DP); under
-    torchrun the world size decides and must equal TP x PP x this."""
+    """Data-parallel ranks when the run starts its own ranks (world = TP x PP x DP). Under
+    torchrun the world size decides: DP = world / (TP x PP)."""
     data: DatasetConfig
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

@@ -90,7 +90,6 @@ class Trainer:
         self.loss_config = cfg.algorithm.loss_config()
         self.row_policy = row_policy_for(self.loss_config, cfg.algorithm.rows)
         self.st: ParallelState = init_parallel(cfg.parallel)
-        self._check_world()
         self.is_rank0 = self.st.rank == 0
         self.stop = StopRequested()
         self.step = 0
@@ -123,15 +122,6 @@ class Trainer:
             self._sync_weights()
 
     # ------------------------------------------------------------------ setup
-    def _check_world(self) -> None:
-        expected = self.cfg.world_size
-        if self.st.world_size != expected:
-            raise ValueError(
-                f"the run has {self.st.world_size} ranks but tensor_model_parallel_size x "
-                f"pipeline_model_parallel_size x data_parallel_size = {expected}; set "
-                f"data_parallel_size={self.st.world_size // self.cfg.parallel.model_parallel_size}"
-            )
-
     def _load_initial_weights(self, module) -> None:
         init = self.cfg.checkpoint.init_megatron
         if init:
@@ -169,9 +159,15 @@ class Trainer:
             if self.is_rank0 and self.step == 0 and cfg.eval_every:
                 self.world.evaluate(self.step)
             while self.step < cfg.train.steps:
-                last = self.train_step()
+                last, timer, step_start = self.train_step()
                 self.step += 1
+                # Agree on a stop before the weight sync: on pre-emption the rollout
+                # servers may already be gone, and the checkpoint matters more.
                 stopping = self.stop.agreed()
+                if not stopping:
+                    with timer("sync"):
+                        self._sync_weights()
+                last.update(self._step_perf(last, timer, step_start))
                 if self.is_rank0 and cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.train.steps):
                     last.update(self.world.evaluate(self.step))
                 if self.is_rank0:
@@ -199,7 +195,8 @@ class Trainer:
         save_checkpoint(self.run_dir / "checkpoints", self.step, self.policy, self.st, extra,
                         keep_last=self.cfg.checkpoint.keep_last, hf_dir=self.cfg.model.hf_path)
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> tuple[dict[str, float], Timer, float]:
+        """Rollouts, rewards, rows and the optimizer steps of one step (not the sync)."""
         cfg = self.cfg
         timer = Timer()
         step_start = time.perf_counter()
@@ -211,17 +208,20 @@ class Trainer:
             payload = (rows.batch, metrics)
         batch, metrics = _broadcast(payload)
         metrics.update(self._train_on(batch, timer))
-        with timer("sync"):
-            self._sync_weights()
-        metrics.update({f"timing/{k}": v for k, v in timer.seconds.items()})
-        elapsed = time.perf_counter() - step_start
-        tokens = sum(r.num_tokens for r in batch.rows)
-        metrics["timing/step"] = elapsed
-        metrics["perf/tokens_per_s"] = tokens / max(elapsed, 1e-9)
-        metrics["perf/train_tokens_per_s"] = tokens / max(timer.seconds.get("train", 0.0), 1e-9)
+        metrics["perf/step_tokens"] = float(sum(r.num_tokens for r in batch.rows))
         metrics["train/optimizer_steps"] = float(self.policy.optimizer_steps)
         metrics["train/skipped_steps_total"] = float(self.policy.skipped_steps)
-        return metrics
+        return metrics, timer, step_start
+
+    @staticmethod
+    def _step_perf(metrics: dict[str, float], timer: Timer, step_start: float) -> dict[str, float]:
+        elapsed = time.perf_counter() - step_start
+        tokens = metrics["perf/step_tokens"]
+        out = {f"timing/{k}": v for k, v in timer.seconds.items()}
+        out["timing/step"] = elapsed
+        out["perf/tokens_per_s"] = tokens / max(elapsed, 1e-9)
+        out["perf/train_tokens_per_s"] = tokens / max(timer.seconds.get("train", 0.0), 1e-9)
+        return out
 
     def _train_on(self, batch: TrainBatch, timer: Timer) -> dict[str, float]:
         cfg = self.cfg

@@ -20,15 +20,36 @@ def test_dead_rollout_server_is_restarted(tmp_path, demo_models):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    servers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "megatron_hpt.rollout.server" in " ".join(p.cmdline())]
+    servers = _servers_of(tmp_path)
     assert len(servers) == 1
     servers[0].kill()
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4, 5]
-    restarted = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
-    assert not restarted, "the restarted server outlived the run"
+    deadline = time.monotonic() + 15
+    while _servers_of(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _servers_of(tmp_path), "the restarted server outlived the run"
+
+
+def _servers_of(run_dir) -> list[psutil.Process]:
+    """Rollout server processes launched for this run (their log dir is under it)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            cmd = " ".join(p.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+        if "megatron_hpt.rollout.server" in cmd and p.status() != psutil.STATUS_ZOMBIE and _launched_by(p, run_dir):
+            found.append(p)
+    return found
+
+
+def _launched_by(p: psutil.Process, run_dir) -> bool:
+    try:
+        return any(str(run_dir) in f.path for f in p.open_files()) or str(run_dir) in " ".join(p.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return False
 
 
 def test_exploding_model_skips_steps_and_finishes(tmp_path, demo_models):
