@@ -49,6 +49,10 @@ def arch_for(hf) -> ArchSpec:
     )
 
 
+def head_dim(hf) -> int:
+    return getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+
+
 # --------------------------------------------------------------------------- #
 # Names
 # --------------------------------------------------------------------------- #
@@ -215,7 +219,6 @@ class ExpectedShape:
 
 
 def _dims(hf) -> dict[str, int]:
-    from megatron_hpt.models.builder import head_dim
 
     return dict(
         hidden=hf.hidden_size,

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from megatron_hpt.models.architectures import ArchSpec, arch_for
+from megatron_hpt.models.architectures import ArchSpec, arch_for, head_dim
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -110,10 +110,6 @@ def check_parallel_layout(hf, tp: int, pp: int) -> None:
 
 def _num_kv_heads(hf) -> int:
     return getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-
-
-def head_dim(hf) -> int:
-    return getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
 
 
 def transformer_config(

@@ -35,7 +35,7 @@ _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 def attention_shape(hf) -> AttentionShape:
-    from megatron_hpt.models.builder import head_dim
+    from megatron_hpt.models.architectures import head_dim
 
     return AttentionShape(
         num_heads=hf.num_attention_heads,
