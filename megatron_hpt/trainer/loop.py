@@ -153,6 +153,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict[str, float]:
+        """Train to ``train.steps`` (or until SIGTERM/SIGUSR1); returns the last step's metrics."""
         cfg = self.cfg
         last: dict[str, float] = {}
         try:
@@ -168,7 +169,8 @@ class Trainer:
                     with timer("sync"):
                         self._sync_weights()
                 last.update(self._step_perf(last, timer, step_start))
-                if self.is_rank0 and cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.train.steps):
+                due = cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.train.steps)
+                if self.is_rank0 and due and not stopping:  # the servers hold this step's weights
                     last.update(self.world.evaluate(self.step))
                 if self.is_rank0:
                     self.world.log_step(self.step, last)
