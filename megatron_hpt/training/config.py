@@ -72,13 +72,14 @@ class TrainStepConfig:
     """Dynamic batching budget per GPU (paper: 32768), in tokens (padded, or packed with TE)."""
     packing: Literal["auto", "padded", "packed"] = "auto"
     """Micro-batch layout: THD sequence packing when TE is present ("auto"), else padding."""
-    logprob_chunk_rows: int = 1024
-    """Positions per chunk of the vocab-parallel log-prob/entropy computation."""
+    logprob_chunk_rows: int | None = None
+    """Positions per chunk of the vocab-parallel log-prob/entropy computation; None sizes
+    chunks to about 2^19 logits on CPU (cache-resident) and 2^23 on GPUs."""
     offload_reference: bool = True
     """Keep the frozen reference model in CPU memory between uses (GPU only)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens_per_microbatch < 1:
             raise ValueError("max_tokens_per_microbatch must be >= 1")
-        if self.logprob_chunk_rows < 1:
-            raise ValueError("logprob_chunk_rows must be >= 1")
+        if self.logprob_chunk_rows is not None and self.logprob_chunk_rows < 1:
+            raise ValueError("logprob_chunk_rows must be >= 1 or None")

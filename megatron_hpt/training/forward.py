@@ -53,7 +53,7 @@ def logprob_forward_step(
     *,
     tp_group,
     temperature: float,
-    chunk_rows: int,
+    chunk_rows: int | None,
     with_entropy: bool,
     sink: list,
     device: torch.device,
@@ -85,7 +85,7 @@ def train_forward_step(
     total_loss_tokens: int,
     tp_group,
     temperature: float,
-    chunk_rows: int,
+    chunk_rows: int | None,
     device: torch.device,
     old_from_current: bool = False,
 ):

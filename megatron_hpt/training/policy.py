@@ -250,24 +250,10 @@ class MegatronPolicy(_StageModel):
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def train_minibatch(
-        self,
-        rows: Sequence[TrainRow],
-        minibatch: Sequence[int],
-        local: Sequence[int],
-        loss_config: LossConfig,
-        *,
-        temperature: float,
-        old_logp: dict[int, torch.Tensor] | None = None,
-        old_from_current: bool = False,
-        ref_logp: dict[int, torch.Tensor] | None = None,
-        constant_normalizer: float = 8192.0,
-    ) -> tuple[StepResult, dict[str, float]]:
-        """One optimizer step on a mini-batch (see ``backward_minibatch`` for the arguments)."""
-        metrics = self.backward_minibatch(
-            rows, minibatch, local, loss_config, temperature=temperature, old_logp=old_logp,
-            old_from_current=old_from_current, ref_logp=ref_logp, constant_normalizer=constant_normalizer,
-        )
+    def train_minibatch(self, *args, **kwargs) -> tuple[StepResult, dict[str, float]]:
+        """One optimizer step on a mini-batch: ``backward_minibatch`` (same arguments), then
+        the update, skipped when the loss or the grad norm is not usable."""
+        metrics = self.backward_minibatch(*args, **kwargs)
         if metrics.get(NONFINITE_KEY, 0.0) > 0:
             result = self._skip(float("nan"), "non_finite_loss")
         else:
