@@ -305,7 +305,12 @@ class SGLangEngine(RolloutEngine):
                     self._mark_failed(server)
                     return None
 
-            return await asyncio.gather(*(one(s) for s in self._servers))
+            replies = await asyncio.gather(*(one(s) for s in self._servers))
+            if all(r is None for r in replies):
+                # Nobody loaded them: wait for the restarts, which load these weights.
+                await asyncio.gather(*(s.recovering for s in self._servers if s.recovering is not None),
+                                     return_exceptions=True)
+            return replies
 
         try:
             replies = self._run(go())
@@ -314,8 +319,8 @@ class SGLangEngine(RolloutEngine):
         for url, r in zip(self.urls, replies):
             if r is not None and not (isinstance(r, dict) and r.get("success")):
                 raise RolloutError(f"{url} did not load {path}: {r}")
-        if all(r is None for r in replies):
-            raise RolloutError(f"no rollout server is up to load {path}: " + ", ".join(self.urls))
+        if all(s.down for s in self._servers):
+            raise RolloutError(f"no rollout server is up to load {path} (none could be restarted): " + ", ".join(self.urls))
         for server, r in zip(self._servers, replies):
             if r is not None:
                 self._run(server.client.post("/flush_cache"))

@@ -195,3 +195,18 @@ def test_server_killed_mid_batch_every_prompt_exactly_once(tiny_model_dir, tmp_p
         while not engine.healthy() and time.monotonic() < deadline:
             time.sleep(0.5)
         assert engine.processes[0].restarts == 1 and engine.healthy()
+
+
+def test_weight_sync_while_the_only_server_is_dead_restarts_it_with_the_new_weights(tiny_model_dir, hf_model, tmp_path):
+    params = SamplingParams(temperature=0.0, max_new_tokens=10)
+    new = perturbed_weights(hf_model, seed=5)
+    path = weight_transport.write_safetensors_dir(new.items(), tmp_path / "w", config_from=tiny_model_dir)
+    cfg = own_engine_config(num_servers=1, log_dir=str(tmp_path), retry_backoff_s=0.1)
+    with SGLangEngine.from_config(cfg, str(tiny_model_dir)) as engine:
+        engine.processes[0].kill()
+        engine.update_weights_from_disk(str(path), "after-restart")
+        assert engine.processes[0].restarts == 1
+        out = engine.generate(PROMPTS[:2], 1, params, seed=0)
+        new_model = model_with(tiny_model_dir, new)
+        assert [row[0].output_ids for row in out] == [hf_greedy(new_model, p, 10) for p in PROMPTS[:2]]
+        assert out[0][0].meta["weight_version"] == "after-restart"
