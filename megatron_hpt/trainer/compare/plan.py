@@ -192,16 +192,22 @@ def plan_comparison(spec: CompareSpec) -> ComparePlan:
     preset or override fails here, before anything trains)."""
     for algorithm in spec.algorithms:
         algorithm_stages(algorithm)
-    recipe = apply_overrides(load_recipe(spec.recipe), list(spec.overrides))
     # Per-preset settings in the recipe (LossConfig changes, a forced row policy) would be
-    # applied to every algorithm; the comparison runs each preset as defined.
+    # applied to every algorithm; the comparison runs each preset as defined, plus what the
+    # command line changes (for every run).
     resets = []
-    algorithm_section = recipe.get("algorithm") or {}
+    algorithm_section = load_recipe(spec.recipe).get("algorithm") or {}
     if algorithm_section.get("overrides"):
         resets.append("algorithm.overrides={}")
     if algorithm_section.get("rows", "auto") != "auto":
         resets.append("algorithm.rows=auto")
-    base = load_run_config_checked(spec.recipe, [*spec.overrides, *resets])
+    base = load_run_config_checked(spec.recipe, [*resets, *spec.overrides])
+    if not base.eval_every or not base.eval.benchmarks:
+        raise ValueError(
+            "the table comes from the trainer's held-out evaluation at the last step: the recipe needs "
+            f"eval.benchmarks and eval_every > 0 (it has {len(base.eval.benchmarks)} benchmarks, "
+            f"eval_every={base.eval_every}); eval_every={base.train.steps} evaluates only before and after"
+        )
     if base.train.steps < 2 and any(TWO_STAGE_SEPARATOR in a for a in spec.algorithms):
         raise ValueError(f"a two-stage algorithm needs train.steps >= 2, the recipe has {base.train.steps}")
     plan = ComparePlan(spec=spec, base=base, resets=tuple(resets))
@@ -240,7 +246,7 @@ def merge_overrides(*groups) -> tuple[str, ...]:
 
 def _stage(plan: ComparePlan, preset: str, steps: int, run_dir: Path, name: str, seed: int,
            extra: list[str] | None = None, previous: Stage | None = None) -> Stage:
-    overrides = merge_overrides(plan.spec.overrides, plan.resets, [
+    overrides = merge_overrides(plan.resets, plan.spec.overrides, [
         f"output_dir={run_dir}", f"name={name}", f"seed={seed}", f"algorithm.preset={preset}",
         "checkpoint.export_hf=true", *(extra or []),
     ])
