@@ -17,7 +17,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -84,9 +86,10 @@ class Job:
     argv: list[str]
     """Arguments of ``megatron-hpt``."""
     log: Path
+    finished: Callable[[], bool]
+    """Whether the job's outputs are all there (checked before starting it, and after it exits 0)."""
     after: "Job | None" = None
     done: bool = False
-    """Already finished before this invocation (skipped)."""
     returncode: int | None = None
     seconds: float = 0.0
     proc: subprocess.Popen | None = field(default=None, repr=False)
@@ -108,7 +111,8 @@ def comparison_jobs(plan: ComparePlan) -> list[Job]:
             label = run.label + (f" stage {run.stages.index(stage) + 1} ({stage.preset})" if len(run.stages) > 1 else "")
             jobs[stage.run_dir] = Job(
                 label=label, argv=train_argv(plan.spec.recipe, stage), log=stage.run_dir / "train.log",
-                after=jobs[stage.previous.run_dir] if stage.previous else None, done=stage_finished(stage, cfg),
+                finished=partial(stage_finished, stage, cfg),
+                after=jobs[stage.previous.run_dir] if stage.previous else None,
             )
     evals = []
     if plan.spec.pass_k_samples and plan.base.eval.benchmarks:
@@ -118,10 +122,13 @@ def comparison_jobs(plan: ComparePlan) -> list[Job]:
                 label=f"{run.label} pass@k",
                 argv=eval_argv(plan.spec.recipe, run.final.run_dir / "final_hf", plan.pass_k_overrides(run)),
                 log=out / "eval.log",
+                finished=partial(pass_k_done, out, plan.spec.pass_k_samples, plan.pass_k_temperature),
                 after=jobs[run.final.run_dir],
-                done=pass_k_done(out, plan.spec.pass_k_samples, plan.pass_k_temperature),
             ))
-    return [*jobs.values(), *evals]
+    out = [*jobs.values(), *evals]
+    for job in out:
+        job.done = job.finished()
+    return out
 
 
 def pass_k_done(out_dir: Path, num_samples: int, temperature: float) -> bool:
@@ -144,9 +151,10 @@ def _raise_stop(signum, frame) -> None:
     raise _Stop()
 
 
-def run_jobs(jobs: list[Job], parallel: int, cwd: Path | None = None, poll_s: float = 0.5) -> list[Job]:
-    """Run the jobs not already done, ``parallel`` at a time; returns the failed ones
-    (a job whose dependency failed fails without running)."""
+def run_jobs(jobs: list[Job], parallel: int, cwd: Path | None = None, poll_s: float = 0.5,
+             program: tuple[str, ...] = (sys.executable, "-m", "megatron_hpt.cli")) -> list[Job]:
+    """Run ``program + job.argv`` for the jobs not already done, ``parallel`` at a time;
+    returns the failed ones (a job whose dependency failed fails without running)."""
     threads = max(1, available_cores() // parallel)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     # The children import this same package, wherever it was imported from.
@@ -167,6 +175,10 @@ def run_jobs(jobs: list[Job], parallel: int, cwd: Path | None = None, poll_s: fl
                 running.remove(job)
                 job.returncode, job.seconds = rc, time.perf_counter() - job.started
                 job.proc = None
+                if rc == 0 and not job.finished():
+                    rc = job.returncode = -2
+                    print(f"[compare] {job.label}: exited without finishing (pre-empted?); run again to resume",
+                          flush=True)
                 if rc == 0:
                     job.done = True
                     print(f"[compare] {job.label}: done in {job.seconds / 60:.1f} min", flush=True)
@@ -188,7 +200,7 @@ def run_jobs(jobs: list[Job], parallel: int, cwd: Path | None = None, poll_s: fl
                     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {job.command}\n")
                     log.flush()
                     job.proc = subprocess.Popen(
-                        [sys.executable, "-m", "megatron_hpt.cli", *job.argv], stdout=log, stderr=subprocess.STDOUT,
+                        [*program, *job.argv], stdout=log, stderr=subprocess.STDOUT,
                         env=env, cwd=cwd, start_new_session=True,
                     )
                 job.started = time.perf_counter()

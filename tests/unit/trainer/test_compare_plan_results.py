@@ -226,3 +226,61 @@ def test_dry_run_lists_a_runnable_command_per_stage_in_order(tmp_path):
     args = commands[2].split()[5:]
     assert apply_overrides(recipe, args)["checkpoint"]["init_megatron"] == str(
         plan.runs[1].stages[0].final_checkpoint / "weights")
+
+
+def test_jobs_run_k_at_a_time_after_their_dependencies_and_failures_propagate(tmp_path):
+    import sys
+
+    from megatron_hpt.trainer.compare.execute import Job, run_jobs
+
+    # Each job appends "start name t" / "end name t" to a shared file and creates name.done
+    # (or exits 3); the runner starts ``python -c SCRIPT name seconds rc``.
+    script = (
+        "import sys, time, pathlib; d = pathlib.Path(sys.argv[1]); name, secs, rc = sys.argv[2], float(sys.argv[3]), "
+        "int(sys.argv[4]); log = d / 'events'; log.open('a').write(f'start {name} {time.time()}\\n'); "
+        "time.sleep(secs); log.open('a').write(f'end {name} {time.time()}\\n'); "
+        "rc or (d / f'{name}.done').touch(); sys.exit(rc)"
+    )
+
+    def job(name, secs=0.3, rc=0, after=None, claims_done=False):
+        j = Job(label=name, argv=[str(tmp_path), name, str(secs), str(rc)], log=tmp_path / "logs" / f"{name}.log",
+                finished=lambda: claims_done or (tmp_path / f"{name}.done").is_file(), after=after)
+        j.done = j.finished()
+        return j
+
+    a = job("a")
+    b = job("b", after=a)
+    c = job("c", rc=3)
+    d = job("d", after=c)  # never runs: c fails
+    e = job("e", claims_done=True)  # finished earlier: skipped
+    f = job("f", secs=0.0)
+    g = job("g", claims_done=False)
+    g.finished = lambda: False  # exits 0 without its outputs: a failure
+    failed = run_jobs([a, b, c, d, e, f, g], parallel=2, poll_s=0.05, program=(sys.executable, "-c", script))
+    assert {j.label for j in failed} == {"c", "d", "g"}
+    assert (c.returncode, d.returncode, g.returncode) == (3, -1, -2)
+    events = [line.split() for line in (tmp_path / "events").read_text().splitlines()]
+    started = [name for kind, name, _ in events if kind == "start"]
+    assert sorted(started) == ["a", "b", "c", "f", "g"]
+    t = {(kind, name): float(ts) for kind, name, ts in events}
+    assert t[("start", "b")] >= t[("end", "a")]
+    # never more than two at a time
+    timeline = sorted((float(ts), 1 if kind == "start" else -1) for kind, _, ts in events)
+    running = peak = 0
+    for _, delta in timeline:
+        running += delta
+        peak = max(peak, running)
+    assert peak == 2
+    assert "=== " in (tmp_path / "logs" / "a.log").read_text()
+
+
+def test_the_cpu_comparison_starts_from_its_base_runs_final_checkpoint():
+    from pathlib import Path
+
+    from megatron_hpt.trainer.config import load_run_config
+
+    base, cmp = load_run_config("compare-cpu-base"), load_run_config("compare-cpu")
+    assert base.algorithm.preset == "sft" and base.model.hf_path == cmp.model.hf_path
+    assert Path(cmp.checkpoint.init_megatron) == Path(base.output_dir) / "checkpoints" / f"step_{base.train.steps:06d}" / "weights"
+    assert base.checkpoint.every == base.train.steps or base.train.steps % base.checkpoint.every == 0
+    assert cmp.algorithm.constant_normalizer == cmp.rollout.max_new_tokens  # the paper's: the longest response
