@@ -122,7 +122,8 @@ def comparison_jobs(plan: ComparePlan) -> list[Job]:
                 label=f"{run.label} pass@k",
                 argv=eval_argv(plan.spec.recipe, run.final.run_dir / "final_hf", plan.pass_k_overrides(run)),
                 log=out / "eval.log",
-                finished=partial(pass_k_done, out, plan.spec.pass_k_samples, plan.pass_k_temperature),
+                finished=partial(pass_k_done, out, run.final.run_dir / "final_hf", plan.spec.pass_k_samples,
+                                 plan.pass_k_temperature),
                 after=jobs[run.final.run_dir],
             ))
     out = [*jobs.values(), *evals]
@@ -131,10 +132,11 @@ def comparison_jobs(plan: ComparePlan) -> list[Job]:
     return out
 
 
-def pass_k_done(out_dir: Path, num_samples: int, temperature: float) -> bool:
-    """A pass@k evaluation with these settings is already written."""
+def pass_k_done(out_dir: Path, model_dir: Path, num_samples: int, temperature: float) -> bool:
+    """A pass@k evaluation with these settings is written, after the model it evaluates."""
     report = out_dir / "eval" / "eval_report.json"
-    if not report.is_file():
+    model = model_dir / "config.json"
+    if not report.is_file() or not model.is_file() or report.stat().st_mtime < model.stat().st_mtime:
         return False
     details = json.loads(report.read_text())["details"]
     results = [r for run in details.values() for r in run.values()]
