@@ -86,6 +86,11 @@ class CheckpointConfig:
     init_megatron: str | None = None
     """A Megatron checkpoint (from ``megatron-hpt convert``) to start from; None loads
     model.hf_path directly."""
+    init_data_from: str | None = None
+    """A training checkpoint (a ``checkpoints/step_*`` directory) whose data-sampler position
+    this run starts from, instead of the start of the data order. The second stage of a
+    two-stage run (``compare``'s SFT->GRPO) sets it, with init_megatron=<that checkpoint>/weights,
+    so it sees the prompts after the first stage's. A resumed run uses its own checkpoint."""
     export_hf: bool = True
     """Write the final policy as an HF checkpoint (run_dir/final_hf)."""
 

@@ -118,7 +118,9 @@ class Trainer:
         resumed = self._maybe_resume() if resume else False
         if self.is_rank0:
             self.world.logger.truncate_after(self.step)
-        if resumed:
+        if resumed or cfg.checkpoint.init_megatron:
+            # The rollout servers start from model.hf_path: give them the weights the policy
+            # starts from (a checkpoint, or init_megatron's weights, e.g. SFT->GRPO's first stage).
             self._sync_weights()
 
     # ------------------------------------------------------------------ setup

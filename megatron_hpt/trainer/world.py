@@ -17,6 +17,7 @@ from megatron_hpt.rollout import create_rollout_engine
 from megatron_hpt.trainer.config import RunConfig
 from megatron_hpt.trainer.metrics_log import MetricsLogger, step_summary
 from megatron_hpt.trainer.progress import progress
+from megatron_hpt.training.checkpoint import read_trainer_extra
 
 
 def rollout_seed(run_seed: int, step: int) -> int:
@@ -38,6 +39,8 @@ class OutsideWorld:
         self.sampler = PromptSampler(
             len(self.dataset), SamplerConfig(batch_size=cfg.train.rollout_batch_size, seed=cfg.seed)
         )
+        if cfg.checkpoint.init_data_from:
+            self.sampler.load_state_dict(read_trainer_extra(cfg.checkpoint.init_data_from)["sampler"])
         self.benchmarks = {b.name: load_benchmark(b, cfg.eval, self.tokenizer) for b in cfg.eval.benchmarks}
         self.rewards = RewardPool.from_config(cfg.reward)
         log_dir = cfg.rollout.log_dir or str(run_dir / "rollout_logs")

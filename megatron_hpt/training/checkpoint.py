@@ -148,6 +148,18 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def read_trainer_extra(path: str | Path) -> dict[str, Any]:
+    """The trainer's own state (``extra`` of ``save_checkpoint``: data sampler, eval history)
+    of a checkpoint, without loading any weights."""
+    state_file = Path(path) / "trainer_state.pt"
+    if not state_file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a complete training checkpoint (no trainer_state.pt); "
+            "give a checkpoints/step_* directory of a finished save"
+        )
+    return torch.load(state_file, weights_only=False)["extra"]
+
+
 def load_checkpoint(path: str | Path, policy, st: ParallelState) -> dict[str, Any]:
     """Restore ``policy`` and this rank's RNG from a checkpoint; returns the trainer's
     ``extra`` state and the step."""
