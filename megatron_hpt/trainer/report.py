@@ -12,7 +12,7 @@ PANELS = [
     ("Loss", [("loss/sft", "SFT"), ("loss/pg", "policy gradient"), ("loss/total", "total")]),
     ("Entropy", [("actor/entropy", "token entropy")]),
     ("Grad norm", [("train/grad_norm", "grad norm")]),
-    ("Train vs rollout log-probs", [("rollout/logp_gap_abs", "mean |dlogp|")]),
+    ("Train vs rollout log-probs", [("rollout/logp_gap_abs", "mean |dlogp| (incl. the step's own updates)")]),
     ("Throughput", [("perf/tokens_per_s", "tokens/s (whole step)")]),
     ("Time per step (s)", [("timing/rollout", "rollout"), ("timing/reward", "reward"), ("timing/logprobs", "log-probs"),
                            ("timing/train", "train"), ("timing/sync", "weight sync")]),
