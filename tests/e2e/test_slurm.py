@@ -37,6 +37,7 @@ TRAIN_OVERRIDES = [
     f"data.path={REPO / 'data' / 'arithmetic' / 'train.parquet'}",
     "train.rollout_batch_size=4",
     "train.mini_batch_size=4",
+    "train.epochs=1",
     "rollout.n=2",
     "rollout.max_new_tokens=8",
     "eval_every=0",
