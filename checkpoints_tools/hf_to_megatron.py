@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from checkpoints_tools.verify import DEFAULT_ATOL, DEFAULT_RTOL
+from checkpoints_tools.verify import DEFAULT_ATOL, DEFAULT_RTOL, add_verification_options, run_tool
 
 
 def convert_hf_to_megatron(
@@ -127,24 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check and verify at (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to check and verify at (default 1)")
     p.add_argument("--dtype", default=None, help="cast weights to fp32/bf16/fp16 (default: keep the file's dtype)")
-    p.add_argument("--no-verify", action="store_true", help="skip the HF-vs-Megatron logit check")
-    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="verification: absolute logit tolerance")
-    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="verification: tolerance relative to max |logit|")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    add_verification_options(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        convert_hf_to_megatron(
-            args.hf_dir, args.out_dir, tp=args.tp, pp=args.pp, dtype=args.dtype, verify=not args.no_verify,
-            atol=args.atol, rtol=args.rtol, overwrite=args.overwrite,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_tool(
+        convert_hf_to_megatron, hf_dir=args.hf_dir, out_dir=args.out_dir, tp=args.tp, pp=args.pp, dtype=args.dtype,
+        verify=not args.no_verify, atol=args.atol, rtol=args.rtol, overwrite=args.overwrite,
+    )
 
 
 if __name__ == "__main__":

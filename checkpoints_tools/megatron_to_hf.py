@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from checkpoints_tools.verify import DEFAULT_ATOL, DEFAULT_RTOL
+from checkpoints_tools.verify import DEFAULT_ATOL, DEFAULT_RTOL, add_verification_options, run_tool
 
 
 def convert_megatron_to_hf(
@@ -138,27 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF directory with config/tokenizer (default: the checkpoint's own hf/)")
     p.add_argument("--dtype", default=None, help="cast weights to fp32/bf16/fp16 (default: the checkpoint's dtype)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    p.add_argument("--no-verify", action="store_true", help="skip the HF-vs-Megatron logit check")
     p.add_argument("--verify-tp", type=int, default=1, help="TP size to load the checkpoint at for verification")
     p.add_argument("--verify-pp", type=int, default=1, help="PP size to load the checkpoint at for verification")
-    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="verification: absolute logit tolerance")
-    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="verification: tolerance relative to max |logit|")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    add_verification_options(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        convert_megatron_to_hf(
-            args.ckpt_dir, args.out_dir, hf_config_dir=args.hf_config_dir, dtype=args.dtype,
-            max_shard_size=args.max_shard_size, verify=not args.no_verify, verify_tp=args.verify_tp,
-            verify_pp=args.verify_pp, atol=args.atol, rtol=args.rtol, overwrite=args.overwrite,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_tool(
+        convert_megatron_to_hf, ckpt_dir=args.ckpt_dir, out_dir=args.out_dir, hf_config_dir=args.hf_config_dir,
+        dtype=args.dtype, max_shard_size=args.max_shard_size, verify=not args.no_verify, verify_tp=args.verify_tp,
+        verify_pp=args.verify_pp, atol=args.atol, rtol=args.rtol, overwrite=args.overwrite,
+    )
 
 
 if __name__ == "__main__":

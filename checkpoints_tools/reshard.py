@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from checkpoints_tools.verify import DEFAULT_ATOL, DEFAULT_RTOL
+from checkpoints_tools.verify import DEFAULT_ATOL, DEFAULT_RTOL, add_verification_options, run_tool
 
 
 def reshard_checkpoint(
@@ -135,25 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-config-dir", default=None,
                    help="HF directory with config/tokenizer (default: the checkpoint's own hf/)")
     p.add_argument("--dtype", default=None, help="cast weights to fp32/bf16/fp16 (default: keep)")
-    p.add_argument("--no-verify", action="store_true", help="skip the logit check at the target layout")
-    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="verification: absolute logit tolerance")
-    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help="verification: tolerance relative to max |logit|")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    add_verification_options(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        reshard_checkpoint(
-            args.src_dir, args.out_dir, tp=args.tp, pp=args.pp, hf_config_dir=args.hf_config_dir,
-            dtype=args.dtype, verify=not args.no_verify,
-            atol=args.atol, rtol=args.rtol, overwrite=args.overwrite,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_tool(
+        reshard_checkpoint, src_dir=args.src_dir, out_dir=args.out_dir, tp=args.tp, pp=args.pp,
+        hf_config_dir=args.hf_config_dir, dtype=args.dtype, verify=not args.no_verify,
+        atol=args.atol, rtol=args.rtol, overwrite=args.overwrite,
+    )
 
 
 if __name__ == "__main__":

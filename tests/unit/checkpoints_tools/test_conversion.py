@@ -23,6 +23,8 @@ from checkpoints_tools import (
 )
 from checkpoints_tools import hf_to_megatron as hf_to_megatron_cli
 from checkpoints_tools import make_tiny_model as make_tiny_model_cli
+from checkpoints_tools import megatron_to_hf as megatron_to_hf_cli
+from checkpoints_tools import reshard as reshard_cli
 from megatron_hpt.models.checkpoint import read_checkpoint_metadata
 from megatron_hpt.models.hf_checkpoint import SAFE_INDEX
 
@@ -163,6 +165,12 @@ def test_command_lines(tmp_path, capsys):
     assert read_checkpoint_metadata(tmp_path / "c")["target_layout"]["pipeline_model_parallel_size"] == 2
     assert hf_to_megatron_cli.main([str(tmp_path / "t"), str(tmp_path / "c2"), "--tp", "3"]) == 1
     assert "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3" in capsys.readouterr().err
+    assert reshard_cli.main([str(tmp_path / "c"), str(tmp_path / "r"), "--tp", "1", "--pp", "1", "--no-verify"]) == 0
+    assert read_checkpoint_metadata(tmp_path / "r")["target_layout"]["pipeline_model_parallel_size"] == 1
+    assert megatron_to_hf_cli.main([str(tmp_path / "r"), str(tmp_path / "hf"), "--no-verify"]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert megatron_to_hf_cli.main([str(tmp_path / "r"), str(tmp_path / "hf"), "--no-verify"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
     run = subprocess.run(
         [sys.executable, "-m", "checkpoints_tools.hf_to_megatron", str(tmp_path / "nowhere"), str(tmp_path / "x")],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[3], timeout=120,
