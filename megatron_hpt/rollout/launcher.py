@@ -36,6 +36,7 @@ SGLANG_CPU_ARGS = (
 """Flags that make SGLang 0.5.23 run on a CPU-only machine (its generic torch path)."""
 
 _PACKAGE_ROOT = str(Path(megatron_hpt.__file__).resolve().parent.parent)
+_PARENT_WATCH = Path(__file__).resolve().with_name("parent_watch.py")
 
 
 class SGLangNotInstalled(RuntimeError):
@@ -88,8 +89,11 @@ class ServerProcess:
         log = open(self.log_path, "ab")
         log.write(f"\n==== {time.strftime('%H:%M:%S')} start: {' '.join(self.cmd)}\n".encode())
         log.flush()
+        # Through parent_watch, so that a trainer killed outright takes its servers with it.
+        # (run as a script: it needs only the standard library, whatever env the server gets).
+        watched = [sys.executable, str(_PARENT_WATCH), str(os.getpid()), "--", *self.cmd]
         self.proc = subprocess.Popen(
-            self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            watched, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
         log.close()
 

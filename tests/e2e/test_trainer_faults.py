@@ -40,7 +40,8 @@ def _servers_of(run_dir) -> list[psutil.Process]:
             cmd = " ".join(p.cmdline())
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             continue
-        if "megatron_hpt.rollout.server" in cmd and p.status() != psutil.STATUS_ZOMBIE and _launched_by(p, run_dir):
+        is_server = "megatron_hpt.rollout.server" in cmd and "parent_watch" not in cmd
+        if is_server and p.status() != psutil.STATUS_ZOMBIE and _launched_by(p, run_dir):
             found.append(p)
     return found
 
