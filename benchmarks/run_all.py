@@ -235,7 +235,7 @@ FORMATTERS = {
     "conversion_memory": _md_conversion,
 }
 
-GPU_NOT_RUN = ("not run: no GPU on this machine. `benchmarks/gpu/run_gpu_suite.sh` is the prepared one-go script "
+GPU_NOT_RUN = ("not run: no GPU on this machine. `benchmarks/gpu/run_on_device.sh` is the prepared one-go script "
                "for the lent GPU machine (see benchmarks/gpu/README.md).")
 
 
