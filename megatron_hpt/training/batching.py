@@ -143,11 +143,14 @@ def build_microbatch(
     *,
     old_logp: Sequence[torch.Tensor] | None = None,
     ref_logp: Sequence[torch.Tensor] | None = None,
+    pad_to_multiple: int = 1,
 ) -> MicroBatch:
     """Pad the given rows into one MicroBatch. ``old_logp``/``ref_logp`` hold one tensor
-    per row with a value per response token (as ``MicroBatch.response_values`` returns)."""
+    per row with a value per response token (as ``MicroBatch.response_values`` returns).
+    ``pad_to_multiple`` rounds the length up (FP8 GEMMs of Transformer Engine need
+    multiples of 16 tokens)."""
     seqs = [list(r.prompt_ids) + list(r.response_ids) for r in rows]
-    T = max(len(s) for s in seqs) - 1
+    T = -(-(max(len(s) for s in seqs) - 1) // pad_to_multiple) * pad_to_multiple
     B = len(rows)
     tokens = torch.zeros(B, T, dtype=torch.long)
     targets = torch.zeros(B, T, dtype=torch.long)

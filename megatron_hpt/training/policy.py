@@ -71,6 +71,11 @@ class StepResult:
     "non_finite_loss" (NaN/inf log-probs) or "found_inf"."""
 
 
+GPU_PAD_MULTIPLE = 16
+"""Micro-batch lengths on GPU are rounded up to this: Transformer Engine's FP8 GEMMs
+require it (and BF16 tensor cores prefer it); the padding is masked out of every loss."""
+
+
 class _StageModel:
     """Shared plumbing of one rank's stage of a model: micro-batching and forward-only passes."""
 
@@ -92,7 +97,8 @@ class _StageModel:
             for name, values in (extra or {}).items():
                 if values:
                     kwargs[name] = [values.get(i) for i in idx]  # rows without values stay 0
-            out.append(build_microbatch([rows[i] for i in idx], idx, **kwargs))
+            out.append(build_microbatch([rows[i] for i in idx], idx, pad_to_multiple=GPU_PAD_MULTIPLE
+                                        if torch.cuda.is_available() else 1, **kwargs))
         return out
 
     @torch.no_grad()

@@ -82,3 +82,17 @@ def test_microbatch_alignment():
     assert mb.rollout_logp[0].tolist() == [0, 0, -1.0, -2.0, 0] and mb.rollout_logp[1].abs().sum() == 0
     assert mb.is_sft.tolist() == [False, True] and mb.row_index.tolist() == [3, 7]
     assert mb.num_loss_tokens == 6
+
+
+def test_microbatch_padded_to_a_multiple_keeps_every_value_in_place():
+    rows = [TrainRow(prompt_ids=[5, 6, 7], response_ids=[8, 9], kind="rl", advantage=0.5, rollout_logprobs=[-1.0, -2.0]),
+            TrainRow(prompt_ids=[1, 2], response_ids=[3, 4, 5, 6], kind="sft")]
+    plain = build_microbatch(rows, [0, 1])
+    padded = build_microbatch(rows, [0, 1], pad_to_multiple=16)
+    assert padded.tokens.shape == (2, 16) and plain.tokens.shape == (2, 5)
+    for name in ("tokens", "targets", "loss_mask", "position_ids", "rollout_logp"):
+        a, b = getattr(plain, name), getattr(padded, name)
+        assert torch.equal(b[:, :5], a), name
+    assert padded.loss_mask[:, 5:].sum() == 0 and padded.tokens[:, 5:].sum() == 0
+    assert padded.position_ids[0].tolist() == list(range(16))
+    assert build_microbatch(rows, [0, 1], pad_to_multiple=5).tokens.shape == (2, 5)
