@@ -58,7 +58,7 @@ test-all: $(STAMP) $(LAUNCH_STAMP) sglang-cpu
 test-peer: $(STAMP) sglang-cpu
 	$(PY) -m pytest -m peer $(PYTEST_ARGS)
 
-## Every benchmark; writes benchmarks/results/<date>-<device>.{md,json} (~1 h on 2 cores).
+## Every benchmark; writes benchmarks/results/<date>-<device>.{md,json} (~13 min on 2 cores).
 bench: $(STAMP) bench-env
 	$(PY) benchmarks/run_all.py
 
