@@ -109,7 +109,8 @@ def run_benchmarks(quick: bool, benchmarks=BENCHMARKS, log: Callable[[str], None
 
 
 # --------------------------------------------------------------------------- markdown
-def _goal(rows: list, name: str, value, goal: float, higher_is_better: bool, fmt: str = "{:.3f}") -> None:
+def goal_row(rows: list, name: str, value, goal: float, higher_is_better: bool, fmt: str = "{:.3f}") -> None:
+    """Appends (goal, measured, target, verdict) to ``rows``; ``value`` None reads "not measured"."""
     if value is None:
         rows.append((name, "not measured", f"{'>=' if higher_is_better else '<='} {goal:g}", "n/a"))
         return
@@ -138,7 +139,7 @@ def _md_train_step(f: dict, goals: list) -> list[str]:
                      f"{r['ratio_tokens_per_s_best']:.3f} best vs best, {r['ratio_cpu_time']:.3f} by CPU time; "
                      f"step-0 loss ours {r['step0_loss_ours']:.6f}, plain {r['step0_loss_plain']:.6f}; "
                      f"{r['tokens_per_step']} tokens/step, {r['steps']} paired steps.")
-        _goal(goals, f"train step vs plain HF, {model} (tokens/s ratio)", r["ratio_tokens_per_s"], 1.0, True)
+        goal_row(goals, f"train step vs plain HF, {model} (tokens/s ratio)", r["ratio_tokens_per_s"], 1.0, True)
         for kind, table in r.get("profiles", {}).items():
             lines += ["", f"<details><summary>profile of one {kind} step ({model}, torch.profiler, top ops by self CPU)"
                           "</summary>", "", "```", table.rstrip(), "```", "</details>"]
@@ -147,7 +148,7 @@ def _md_train_step(f: dict, goals: list) -> list[str]:
 
 def _md_peer(f: dict, goals: list) -> list[str]:
     if "skipped" in f:
-        _goal(goals, "whole HPT step vs TRL GRPOTrainer, smollm2 (tokens/s ratio)", None, 1.5, True)
+        goal_row(goals, "whole HPT step vs TRL GRPOTrainer, smollm2 (tokens/s ratio)", None, 1.5, True)
         return [f"Not run: {f['skipped']}."]
     lines = ["RL step: 2 prompts x 4 samples, <= 64 new tokens; phases in seconds (medians).", "",
              "| model | side | s/step | tokens/step | tokens/s | generation | reward | train | sync |",
@@ -165,7 +166,7 @@ def _md_peer(f: dict, goals: list) -> list[str]:
                      f"{r['ratio_step_time_ours_over_theirs']:.2f} (generation {r['ratio_generation_time_ours_over_theirs']:.2f}, "
                      f"training {r['ratio_train_time_ours_over_theirs']:.2f}); {r['measured_steps'][0]} / "
                      f"{r['measured_steps'][1]} measured steps in {r['rounds']} alternating rounds.")
-        _goal(goals, f"whole HPT step vs TRL GRPOTrainer, {model} (tokens/s ratio)", r["ratio_tokens_per_s"], 1.5, True, "{:.2f}")
+        goal_row(goals, f"whole HPT step vs TRL GRPOTrainer, {model} (tokens/s ratio)", r["ratio_tokens_per_s"], 1.5, True, "{:.2f}")
     lines += ["", "SFT step: 8 rows x (32 prompt + 64 completion tokens).", "",
               "| model | ours s/step | ours tokens/s | TRL SFTTrainer s/step | TRL tokens/s | ours / TRL tokens/s |",
               "|---|---|---|---|---|---|"]
@@ -204,8 +205,8 @@ def _md_reward(f: dict, goals: list) -> list[str]:
 
 
 def _md_logprob(f: dict, goals: list) -> list[str]:
-    _goal(goals, "chunked log-probs peak memory / naive", f["memory_ratio"], 0.25, False)
-    _goal(goals, "chunked log-probs CPU time / naive", f["time_ratio"], 1.2, False)
+    goal_row(goals, "chunked log-probs peak memory / naive", f["memory_ratio"], 0.25, False)
+    goal_row(goals, "chunked log-probs CPU time / naive", f["time_ratio"], 1.2, False)
     return [f"{f['tokens']} tokens x vocab {f['vocab']}, {f['logits_dtype']} logits, {f['threads']} thread(s), forward + backward:",
             f"naive peak {f['naive_peak_mib']:.0f} MiB, CPU {f['naive_cpu_time_s']:.2f} s; chunked peak {f['chunked_peak_mib']:.0f} MiB, "
             f"CPU {f['chunked_cpu_time_s']:.2f} s: memory ratio **{f['memory_ratio']:.3f}**, time ratio **{f['time_ratio']:.3f}** "
@@ -221,7 +222,7 @@ def _md_conversion(f: dict, goals: list) -> list[str]:
         x = f[name]
         lines.append(f"| {name} | {x['seconds']:.1f} | {x['peak_rss'] / 2**30:.2f} GiB | {x['peak_rss_over_size']:.2f} | "
                      f"{x['peak_tree_pss'] / 2**30:.2f} GiB | {x['peak_tree_pss_over_size']:.2f} |")
-    _goal(goals, "hf_to_megatron peak RSS / checkpoint size", f["hf_to_megatron"]["peak_rss_over_size"], 1.5, False, "{:.2f}")
+    goal_row(goals, "hf_to_megatron peak RSS / checkpoint size", f["hf_to_megatron"]["peak_rss_over_size"], 1.5, False, "{:.2f}")
     return lines
 
 

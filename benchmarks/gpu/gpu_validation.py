@@ -60,6 +60,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.run_all import device_name, goal_row  # noqa: E402
+
 LR = 1e-6
 CONSTANT_NORMALIZER = 8192.0
 ENTROPY_COEF = 0.001
@@ -844,14 +846,8 @@ def part_sync(shape: Shape, weights: Weights, quick: bool, log=print) -> dict:
 
 
 # --------------------------------------------------------------------------- the run
-def device_label() -> str:
-    from benchmarks.run_all import device_name
-
-    return device_name()
-
-
 def environment() -> dict:
-    info = {"python": sys.version.split()[0], "torch": torch.__version__, "device": device_label(),
+    info = {"python": sys.version.split()[0], "torch": torch.__version__, "device": device_name(),
             "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
             "fp32_matmul_tf32": torch.backends.cuda.matmul.allow_tf32}
     if torch.cuda.is_available():
@@ -889,7 +885,7 @@ def run(quick: bool = False, shapes: list[str] | None = None, parts: tuple[str, 
     if bad:
         raise SystemExit(f"unknown part(s) {bad}; known: {', '.join(PARTS)}")
     start = time.perf_counter()
-    results: dict = {"date": dt.date.today().isoformat(), "device": device_label(), "quick": quick,
+    results: dict = {"date": dt.date.today().isoformat(), "device": device_name(), "quick": quick,
                      "environment": environment(), "sglang": SGLANG_NOTE, "goals": GOALS, "parts": {}}
     log(f"device {results['device']}; shapes {shapes}; parts {list(parts)}")
     try:
@@ -951,13 +947,6 @@ def _teardown() -> None:
 
 
 # --------------------------------------------------------------------------- results files
-def _verdict(value: float | None, goal: float) -> str:
-    if value is None:
-        return "not measured"
-    by = value / goal - 1
-    return f"met ({by:+.0%})" if value >= goal else f"missed by {abs(by):.0%}"
-
-
 def _fmt_err(entry: dict) -> list[str]:
     if "skipped" in entry:
         return [f"Skipped: {entry['skipped']}."]
@@ -983,7 +972,7 @@ def _md_train(f: dict, goals: list) -> list[str]:
     for name, w in f["workloads"].items():
         lines.append(f"- {name}: ours / plain HF tokens/s **{w['ratio_tokens_per_s']:.3f}**; first-step loss ours "
                      f"{w['ours']['first_loss']:.6f}, plain {w['hf']['first_loss']:.6f} (relative gap {w['first_loss_rel_gap']:.2e}).")
-        goals.append((f"HPT step / plain HF tokens/s, {name} ({f['shape']})", w["ratio_tokens_per_s"], w["goal_ratio"]))
+        goal_row(goals, f"HPT step / plain HF tokens/s, {name} ({f['shape']})", w["ratio_tokens_per_s"], w["goal_ratio"], True)
     lines.append(f"- every phase's model and optimizer were freed before the next phase: {f['sides_freed']}; "
                  f"GPU memory by phase (GiB): {json.dumps(f['memory'])}.")
     if f["oom_fallbacks"]:
@@ -1020,7 +1009,8 @@ def _md_logprobs(f: dict, goals: list) -> list[str]:
         lines.append(f"BF16 vs fp32: mean {g['mean_abs_dlogp']:.4f}, p99 {g['p99_abs_dlogp']:.4f} "
                      f"({g['frac_ratio_outside_0.8_1.2']:.2%} outside [0.8, 1.2]).")
     if "goal_ratio" in f:
-        goals.append((f"FP8 / BF16 log-prob throughput ({f['shape']})", f["fp8_over_bf16_throughput"], f["goal_ratio"]))
+        goal_row(goals, f"FP8 / BF16 log-prob throughput ({f['shape']})", f.get("fp8_over_bf16_throughput"), f["goal_ratio"],
+                 True)
     if "random" in f["weights"]:
         lines.append("Random weights: their near-flat distributions understate the FP8 error of a trained model "
                      "(SmolLM2-135M real weights, README of shared/gpu: FP8 vs BF16 0.165 mean |dlogp|).")
@@ -1057,7 +1047,7 @@ def render_markdown(results: dict) -> str:
     if not torch.cuda.is_available():
         head.insert(2, "CPU run: every part in fp32 at a check shape; the goals are for one H100 and are shown "
                        "only to exercise the report.\n")
-    head += [f"| {n} | {v:.3f} | >= {g} | {_verdict(v, g)} |" for n, v, g in goals]
+    head += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in goals]
     return "\n".join(head + body) + "\n"
 
 

@@ -59,9 +59,9 @@ def test_writes_figures_errors_and_goals(tmp_path, fake_benchmarks):
 
 def test_goal_verdicts():
     rows = []
-    ra._goal(rows, "a", 1.6, 1.5, True)
-    ra._goal(rows, "b", 0.9, 1.0, True)
-    ra._goal(rows, "c", None, 1.0, True)
+    ra.goal_row(rows, "a", 1.6, 1.5, True)
+    ra.goal_row(rows, "b", 0.9, 1.0, True)
+    ra.goal_row(rows, "c", None, 1.0, True)
     assert rows[0][3] == "met (+7%)"
     assert rows[1][3] == "missed by 10%"
     assert rows[2][1:] == ("not measured", ">= 1", "n/a")
