@@ -45,7 +45,8 @@ DEFAULT_CACHE_DIR = "~/.cache/megatron_hpt/tokenized"
 @dataclass(kw_only=True, frozen=True)
 class DatasetConfig:
     path: str
-    """A local .parquet/.jsonl/.json file or a folder of them, or a Hugging Face dataset name."""
+    """A local .parquet/.jsonl/.json file or a folder of them, or a Hugging Face dataset written
+    hf:NAME or owner/name; a missing local path is an error, never a hub lookup (data/sources.py)."""
     split: str = "train"
     """Split to load when ``path`` is a hub dataset name."""
     config_name: str | None = None

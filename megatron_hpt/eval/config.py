@@ -22,7 +22,8 @@ class BenchmarkConfig:
     """Report column key: a paper benchmark (aime24, aime25, amc, math500, minerva, olympiad, arc_c,
     gpqa) or any other name (e.g. arith_eval, the demo's held-out split)."""
     path: str
-    """Data in the project schema: a local file/folder or a hub dataset name (see data/prepare_benchmarks.py)."""
+    """Data in the project schema: a local file/folder, or a hub dataset written hf:NAME or owner/name
+    (see data/prepare_benchmarks.py; a missing local path is an error, never a hub lookup)."""
     split: str = "test"
     """Split to load when ``path`` is a hub dataset name."""
     num_samples: int | None = None
