@@ -59,7 +59,9 @@ def _entries(path: Path) -> list[str]:
 
 def _start_run(output_dir: Path) -> str:
     run_id = uuid.uuid4().hex
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if not output_dir.is_dir():
+        output_dir.mkdir(parents=True)
+        fsync_path(output_dir.parent)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     durable_write_text(output_dir / RUN_FILE, json.dumps({"run_id": run_id, "created": created}, indent=2) + "\n")
     return run_id

@@ -187,7 +187,9 @@ def save_checkpoint(
     final = root / checkpoint_name(step)
     tmp = root / f"{final.name}.tmp"
     if st.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
+        if not root.is_dir():
+            root.mkdir(parents=True)
+            fsync_path(root.parent)
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "rng").mkdir(parents=True)
