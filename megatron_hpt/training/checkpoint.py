@@ -122,11 +122,12 @@ def load_side_file(path: str | Path) -> Any:
     try:
         return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = re.search(r"WeightsUnpickler error: (.*?)(?:\. Please|\n|$)", str(e))
         raise CheckpointError(
             f"{path}: refused to load: it holds objects other than tensors and plain values "
-            f"({first_line}). Checkpoint side files are read without running code from them; "
-            "a file written by another program, or an older megatron-hpt, cannot be resumed from."
+            f"({reason.group(1) if reason else type(e).__name__}). Checkpoint side files are read "
+            "without running code from them; a file written by another program, or by an older "
+            "megatron-hpt, cannot be resumed from."
         ) from None
 
 
