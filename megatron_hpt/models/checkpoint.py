@@ -219,20 +219,19 @@ def _os_error_in(exc: BaseException) -> OSError | None:
     return None
 
 
-def _newest_file(directory: Path) -> Path | None:
-    newest, newest_time = None, -1.0
+def _newest_files(directory: Path, count: int = 4) -> list[Path]:
+    """The ``count`` most recently modified files under ``directory``, newest first."""
+    found = []
     for here, _dirs, files in os.walk(directory):
         for name in files:
             p = Path(here) / name
             with contextlib.suppress(OSError):
-                t = os.lstat(p).st_mtime
-                if t >= newest_time:
-                    newest, newest_time = p, t
-    return newest
+                found.append((os.lstat(p).st_mtime_ns, p))
+    return [p for _, p in sorted(found, reverse=True)[:count]]
 
 
 def _probe_write(path: Path) -> OSError | None:
-    """Append a block to the file a failed write left behind, to learn the OS error:
+    """Append a block to a file a failed write left behind, to learn the OS error:
     torch's serializer reports a short write only as "unexpected pos" or an iostream error.
     The file is garbage already (its write failed), so nothing is lost."""
     try:
@@ -275,12 +274,16 @@ def naming_write_errors(directory: str | Path, what: str) -> Iterator[None]:
         raise
     except Exception as exc:
         os_error = _os_error_in(exc)
-        newest = _newest_file(directory) if directory.exists() else None
-        if os_error is None and newest is not None:
-            os_error = _probe_write(newest)
+        recent = _newest_files(directory) if directory.exists() else []
+        file = recent[0] if recent else directory
+        for candidate in recent if os_error is None else ():
+            os_error = _probe_write(candidate)
+            if os_error is not None:
+                file = candidate
+                break
         if os_error is None:
             raise
-        file = os_error.filename or newest or directory
+        file = os_error.filename or file
         raise CheckpointWriteError(
             os_error.errno,
             f"writing {what} failed: {file}: {os.strerror(os_error.errno)} "
