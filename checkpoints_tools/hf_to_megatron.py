@@ -45,16 +45,9 @@ def convert_hf_to_megatron(
 
     ``dtype`` casts every tensor ("bf16", "fp32", ...); by default tensors keep
     the dtype they have in the safetensors files."""
-    import shutil
-
     from megatron_hpt.models import arch_for, load_hf_config
     from megatron_hpt.models.builder import check_parallel_layout
-    from megatron_hpt.models.checkpoint import (
-        commit_temp_dir,
-        prepare_temp_dir,
-        update_checkpoint_metadata,
-        write_checkpoint_metadata,
-    )
+    from megatron_hpt.models.checkpoint import atomic_dir, update_checkpoint_metadata, write_checkpoint_metadata
     from megatron_hpt.models.checkpoint_format import CheckpointLayout, FullLayoutWriter, checkpoint_bytes
     from megatron_hpt.models.hf_checkpoint import HFCheckpointReader, parse_dtype
     from megatron_hpt.models.weights import hf_to_roles
@@ -66,8 +59,7 @@ def convert_hf_to_megatron(
     check_parallel_layout(hf, tp, pp)
     cast = parse_dtype(dtype)
     layout = CheckpointLayout.from_hf(hf)
-    tmp = prepare_temp_dir(out_dir, overwrite=overwrite)
-    try:
+    with atomic_dir(out_dir, overwrite=overwrite, what=f"the Megatron checkpoint {out_dir}") as tmp:
         with HFCheckpointReader(hf_dir, hf) as reader:
             unused = reader.check()
             if unused:
@@ -102,10 +94,6 @@ def convert_hf_to_megatron(
                 tmp, hf_dir, tp=tp, pp=pp, hf_dir=tmp / "hf", atol=atol, rtol=rtol, round_reference_to=cast, log=log
             )
             update_checkpoint_metadata(tmp, verification={"against": str(hf_dir.resolve()), **report.to_dict()})
-        commit_temp_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "out_dir": str(out_dir),
         "convert_seconds": convert_s,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ def convert_megatron_to_hf(
     """Convert the dist checkpoint ``ckpt_dir`` into an HF directory ``out_dir``."""
     from megatron_hpt.models import load_hf_config
     from megatron_hpt.models.builder import check_parallel_layout
-    from megatron_hpt.models.checkpoint import checkpoint_hf_dir, commit_temp_dir, prepare_temp_dir
+    from megatron_hpt.models.checkpoint import atomic_dir, checkpoint_hf_dir
     from megatron_hpt.models.checkpoint_format import CheckpointLayout, FullLayoutReader, checkpoint_bytes
     from megatron_hpt.models.hf_checkpoint import (
         SafetensorsShardWriter,
@@ -72,8 +71,7 @@ def convert_megatron_to_hf(
         TensorPlan(name, shapes[name], cast or reader.dtype(role))
         for role, _layer, name in hf_names_by_role(hf)
     ]
-    tmp = prepare_temp_dir(out_dir, overwrite=overwrite)
-    try:
+    with atomic_dir(out_dir, overwrite=overwrite, what=f"the HF checkpoint {out_dir}") as tmp:
         writer = SafetensorsShardWriter(tmp, plan, parse_size(max_shard_size))
         for name, tensor in megatron_roles_to_hf(hf, reader.read_role):
             writer.write(name, tensor)
@@ -92,10 +90,6 @@ def convert_megatron_to_hf(
                 ckpt_dir, tmp, tp=verify_tp, pp=verify_pp, hf_dir=config_dir, atol=atol, rtol=rtol,
                 round_megatron_to=cast, log=log,
             )
-        commit_temp_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "out_dir": str(out_dir),
         "files": files,

@@ -21,7 +21,6 @@ state at once), read role by role.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,9 +49,8 @@ def reshard_checkpoint(
     from megatron_hpt.models import load_hf_config
     from megatron_hpt.models.builder import check_parallel_layout
     from megatron_hpt.models.checkpoint import (
+        atomic_dir,
         checkpoint_hf_dir,
-        commit_temp_dir,
-        prepare_temp_dir,
         read_checkpoint_metadata,
         update_checkpoint_metadata,
         write_checkpoint_metadata,
@@ -77,8 +75,7 @@ def reshard_checkpoint(
     layout = CheckpointLayout.from_hf(hf)
     reader = FullLayoutReader(src_dir, layout)
     cast = parse_dtype(dtype)
-    tmp = prepare_temp_dir(out_dir, overwrite=overwrite)
-    try:
+    with atomic_dir(out_dir, overwrite=overwrite, what=f"the resharded checkpoint {out_dir}") as tmp:
         writer = FullLayoutWriter(layout)
         for role in layout.global_roles + layout.layer_roles:
             for layer, tensor in reader.read_role(role).items():
@@ -110,10 +107,6 @@ def reshard_checkpoint(
                 hf_dir=config_dir, atol=atol, rtol=rtol, round_reference_to=cast, log=log,
             )
             update_checkpoint_metadata(tmp, verification={"against": f"HF model from {src_dir}", **report.to_dict()})
-        commit_temp_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "out_dir": str(out_dir),
         "convert_seconds": convert_s,

@@ -62,10 +62,13 @@ def add_verification_options(parser) -> None:
 
 
 def run_tool(convert, **kwargs) -> int:
-    """A conversion tool's exit code: 0, or 1 with the error (which names the bad input) on stderr."""
+    """A conversion tool's exit code: 0, or 1 with the error (which names the bad input, or
+    the file the storage refused and why) on stderr."""
+    from megatron_hpt.config import ReportedError
+
     try:
         convert(**kwargs)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+    except (ReportedError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -8,13 +8,23 @@
     megatron-hpt compare ...               several algorithms, same budget, one table
 
 Options of a run live in its recipe (YAML) and ``dotted.key=value`` overrides;
-the command line itself only names the job.
+the command line itself only names the job (and, for ``train``, how to treat an
+output_dir that already holds a run: ``--resume`` or ``--overwrite``).
+
+Exit codes: 0 done, 2 bad usage or input (a config key or value, a missing path, an
+output_dir holding another run: one message naming it, no traceback), 1 any other
+reported failure (a full disk while writing a checkpoint); a bug shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from megatron_hpt.config import ReportedError
+
+# Verbs that parse their own arguments (argparse.REMAINDER would not take a leading --option).
+SELF_PARSING = ("convert", "compare")
 
 
 def _algorithms(args: argparse.Namespace) -> int:
@@ -27,7 +37,7 @@ def _algorithms(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from megatron_hpt.trainer.launch import launch_training
 
-    return launch_training(args.recipe, args.overrides, resume=args.resume)
+    return launch_training(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -68,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = verbs.add_parser("train", help="run training from a recipe")
     train.add_argument("--recipe", required=True, help="recipe name (megatron_hpt/recipes) or YAML path")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run, if any")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in output_dir from its newest checkpoint (start it if it has none)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="move an earlier run in output_dir aside (to OUTPUT_DIR.replaced-<time>) and start "
+                            "over; without --resume or --overwrite, a non-empty output_dir is refused")
     train.add_argument("overrides", nargs="*", help="dotted.key=value changes to the recipe")
     train.set_defaults(func=_train)
 
@@ -93,13 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["compare"]:
-        # compare parses its own options; argparse's REMAINDER would not take a leading --option.
-        from megatron_hpt.trainer.compare import main as compare_main
-
-        return compare_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        if argv[:1] and argv[0] in SELF_PARSING:
+            args = argparse.Namespace(verb=argv[0], rest=argv[1:])
+            return {"convert": _convert, "compare": _compare}[argv[0]](args)
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except ReportedError as err:
+        print(f"megatron-hpt {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

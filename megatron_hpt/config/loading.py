@@ -9,17 +9,16 @@ are ``dotted.key=value`` strings, the value parsed as YAML.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from megatron_hpt.config.errors import ConfigError
+
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
-
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names the dotted key and the source."""
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
@@ -70,8 +69,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e.__class__.__name__})") from None
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key part in {key.strip()!r}")
         node = out
         for part in parts[:-1]:
             child = node.get(part)
@@ -182,7 +186,16 @@ def config_from_dict(cls: type, data: dict, where: str = "") -> Any:
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+        raise ConfigError(_qualified(str(e), where, cls, fields)) from None
+
+
+def _qualified(message: str, where: str, cls: type, fields) -> str:
+    """A ``__post_init__`` message that starts with one of the config's fields gets the
+    dotted key in front ("lr must be > 0" -> "train.step.optimizer.lr must be > 0")."""
+    head = re.match(r"[A-Za-z_]\w*", message)
+    if head and head.group(0) in fields:
+        return f"{where}.{message}" if where else message
+    return f"{where or cls.__name__}: {message}"
 
 
 def config_to_dict(obj: Any) -> Any:

@@ -14,13 +14,22 @@ import hashlib
 import json
 from pathlib import Path
 
+from megatron_hpt.config import InputNotFoundError
+
 
 def load_tokenizer(tokenizer_or_path):
-    """A tokenizer object as is, or ``AutoTokenizer.from_pretrained(path)``."""
+    """A tokenizer object as is, or the tokenizer of a local HF checkpoint directory
+    (never looked up on a hub: a missing directory is an error naming it)."""
     if isinstance(tokenizer_or_path, (str, Path)):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(tokenizer_or_path))
+        path = Path(tokenizer_or_path)
+        if not path.is_dir():
+            raise InputNotFoundError(
+                f"tokenizer {str(tokenizer_or_path)!r} does not exist; expected a local HF checkpoint "
+                "directory holding the tokenizer files (tokenizers are never looked up on a hub)"
+            )
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return tokenizer_or_path
 
 

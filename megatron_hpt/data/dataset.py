@@ -23,6 +23,7 @@ from typing import Iterator, Literal, Sequence
 
 import numpy as np
 
+from megatron_hpt.config import checks
 from megatron_hpt.data.chat import (
     check_chat_tokenizer,
     encode_demonstrations,
@@ -44,7 +45,8 @@ DEFAULT_CACHE_DIR = "~/.cache/megatron_hpt/tokenized"
 @dataclass(kw_only=True, frozen=True)
 class DatasetConfig:
     path: str
-    """A local .parquet/.jsonl/.json file or a folder of them, or a Hugging Face dataset name."""
+    """A local .parquet/.jsonl/.json file or a folder of them, or a Hugging Face dataset written
+    hf:NAME or owner/name; a missing local path is an error, never a hub lookup (data/sources.py)."""
     split: str = "train"
     """Split to load when ``path`` is a hub dataset name."""
     config_name: str | None = None
@@ -65,6 +67,7 @@ class DatasetConfig:
     """Where tokenized datasets are cached; None tokenizes every time."""
 
     def __post_init__(self) -> None:
+        checks.not_empty(self, "path", "split", "config_name", "cache_dir")
         if self.max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
         if self.max_demonstration_length is not None and self.max_demonstration_length < 1:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_hpt.config import ConfigError, checks
+
 STATE_VERSION = 1
 
 
@@ -30,6 +32,7 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        checks.non_negative(self, "seed")
 
 
 class PromptSampler:
@@ -38,9 +41,9 @@ class PromptSampler:
     def __init__(self, num_prompts: int, cfg: SamplerConfig | None = None) -> None:
         self.cfg = cfg or SamplerConfig()
         if num_prompts < 1:
-            raise ValueError("the dataset is empty: nothing to sample")
+            raise ConfigError("the dataset is empty: nothing to sample")
         if self.cfg.drop_last and num_prompts < self.cfg.batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size {self.cfg.batch_size} is larger than the dataset ({num_prompts} prompts) "
                 "with drop_last=True: no full batch exists"
             )

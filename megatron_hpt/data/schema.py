@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_hpt.config import InputError
+
 MATH_STYLES = ("rule", "math")
 CHOICE_STYLES = ("multiple_choice",)
 
 
-class DataFormatError(ValueError):
+class DataFormatError(InputError, ValueError):
     """A row does not follow the schema; the message names file, row and field."""
 
     def __init__(self, problem: str, hint: str = "") -> None:

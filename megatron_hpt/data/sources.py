@@ -4,18 +4,33 @@ Hugging Face dataset names, through one function.
 Every source gives its rows, where each row came from (for error messages) and a
 fingerprint of its content (for the tokenization cache): the sha256 of the file
 bytes for local files, the dataset's own fingerprint for hub datasets.
+
+Which is which (``classify_source``), decided without any network access:
+
+- ``hf:NAME`` is always a hub dataset;
+- anything that exists locally is local;
+- ``owner/name`` (one slash, hub-style characters, no data-file suffix, ``owner``
+  not a local folder) is a hub dataset;
+- everything else is a local path, and a missing one is an error naming it and
+  saying why it was read as a path: a typo such as ``data/arithmetic/trian`` never
+  turns into a hub lookup (which, with no network, hangs in retries for ~24 s).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from megatron_hpt.config import InputNotFoundError
 from megatron_hpt.data.schema import DataFormatError
 
 LOCAL_SUFFIXES = (".parquet", ".jsonl", ".json")
+HUB_PREFIX = "hf:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass
@@ -100,14 +115,44 @@ def read_hub(name: str, split: str, config_name: str | None = None) -> RowSource
     return RowSource(description, f"hf-{dataset._fingerprint}", rows, [(description, i) for i in range(len(rows))])
 
 
-def read_rows(path: str | Path, split: str = "train", config_name: str | None = None) -> RowSource:
-    """A local file or folder when ``path`` exists, else a hub dataset name."""
-    if Path(path).exists():
-        return read_local(path)
+def classify_source(path: str | Path) -> tuple[Literal["local", "hub"], str, str]:
+    """``(kind, path or hub name, why)`` for a data path or hub name (see the module doc)."""
     text = str(path)
-    if Path(text).suffix in LOCAL_SUFFIXES or text.startswith((".", "/")):
-        raise FileNotFoundError(f"dataset file {text!r} does not exist")
-    return read_hub(text, split, config_name)
+    if text.startswith(HUB_PREFIX):
+        return "hub", text[len(HUB_PREFIX):], f"it starts with {HUB_PREFIX}"
+    if Path(text).exists():
+        return "local", text, "it exists"
+    if Path(text).suffix in LOCAL_SUFFIXES:
+        return "local", text, f"it ends in {Path(text).suffix}"
+    if text.startswith(("/", ".", "~")) or "\\" in text:
+        return "local", text, "it is written as a file-system path"
+    if not _HUB_ID.match(text):
+        return "local", text, "a hub dataset name looks like owner/name"
+    owner = text.split("/", 1)[0]
+    if Path(owner).is_dir():
+        return "local", text, f"{owner}/ is a local folder"
+    return "hub", text, "it looks like owner/name and is not a local path"
+
+
+def check_data_path(path: str | Path, key: str = "path") -> Literal["local", "hub"]:
+    """The kind of a data path; a local path must exist (the error names ``key``, the
+    path, why it was read as a local path, and what was expected)."""
+    kind, text, why = classify_source(path)
+    if kind == "local" and not Path(text).exists():
+        raise InputNotFoundError(
+            f"{key}={text!r} does not exist (read as a local path: {why}); expected a "
+            f"{', '.join(LOCAL_SUFFIXES)} file or a folder of them. For a Hugging Face dataset write "
+            f"{HUB_PREFIX}owner/name"
+        )
+    return kind
+
+
+def read_rows(path: str | Path, split: str = "train", config_name: str | None = None) -> RowSource:
+    """A local file or folder, or a hub dataset (``hf:NAME`` or ``owner/name``); a path
+    that is not there is an error, never a hub lookup."""
+    if check_data_path(path, key="dataset") == "local":
+        return read_local(path)
+    return read_hub(classify_source(path)[1], split, config_name)
 
 
 def write_parquet(rows: list[dict], path: str | Path) -> None:

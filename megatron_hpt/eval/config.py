@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from megatron_hpt.config import checks
 from megatron_hpt.data.benchmarks import BENCHMARKS
 from megatron_hpt.data.dataset import DEFAULT_CACHE_DIR
 from megatron_hpt.rewards.pool import RewardConfig
@@ -21,7 +22,8 @@ class BenchmarkConfig:
     """Report column key: a paper benchmark (aime24, aime25, amc, math500, minerva, olympiad, arc_c,
     gpqa) or any other name (e.g. arith_eval, the demo's held-out split)."""
     path: str
-    """Data in the project schema: a local file/folder or a hub dataset name (see data/prepare_benchmarks.py)."""
+    """Data in the project schema: a local file/folder, or a hub dataset written hf:NAME or owner/name
+    (see data/prepare_benchmarks.py; a missing local path is an error, never a hub lookup)."""
     split: str = "test"
     """Split to load when ``path`` is a hub dataset name."""
     num_samples: int | None = None
@@ -36,8 +38,14 @@ class BenchmarkConfig:
     """Verifier; "auto" reads each row's reward_model.style."""
 
     def __post_init__(self) -> None:
+        checks.not_empty(self, "name", "path", "split")
         if self.num_samples is not None and self.num_samples < 1:
             raise ValueError(f"benchmark {self.name}: num_samples must be >= 1, got {self.num_samples}")
+        try:  # the overrides that are set must make valid sampling parameters on their own
+            SamplingParams(**{k: getattr(self, k) for k in ("temperature", "top_p", "max_new_tokens")
+                              if getattr(self, k) is not None})
+        except ValueError as e:
+            raise ValueError(f"benchmark {self.name}: {e}") from None
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -72,6 +80,10 @@ class EvalConfig:
             raise ValueError(f"prompts_per_call must be >= 1, got {self.prompts_per_call}")
         if any(k < 1 for k in self.pass_k):
             raise ValueError(f"pass_k values must be >= 1, got {self.pass_k}")
+        SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
+        checks.at_least(self, 1, "max_prompt_length")
+        checks.non_negative(self, "seed")
+        checks.not_empty(self, "cache_dir")
 
     def num_samples(self, bench: BenchmarkConfig) -> int:
         if bench.num_samples is not None:

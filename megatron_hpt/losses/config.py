@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from megatron_hpt.config import checks
+
 Reference = Literal["policy", "old", "one", "sequence"]
 """The reference denominator pi_ref:
 
@@ -148,6 +150,7 @@ class LossConfig:
     are weighted by min(pi_old / pi_rollout, tis_cap) under stop-gradient. None: off."""
 
     def __post_init__(self) -> None:
+        checks.finite_floats(self)
         if self.clip_low < 0 or self.clip_high < 0:
             raise ValueError(f"{self.name}: clip_low and clip_high must be >= 0, got {self.clip_low}, {self.clip_high}")
         if self.clip_low > 1:

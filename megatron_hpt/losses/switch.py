@@ -31,6 +31,8 @@ from typing import Literal, Sequence
 
 import torch
 
+from megatron_hpt.config import checks
+
 DEFAULT_SOFT_WEIGHTS: tuple[tuple[float, float], ...] = ((0.0, 1.0), (0.125, 0.5), (0.25, 0.25), (0.5, 0.125))
 """(RL weight, SFT weight) for k = 0, 1, 2, 3 correct rollouts; k beyond the table gives (1, 0)."""
 
@@ -50,6 +52,7 @@ class SwitchConfig:
     """Soft mode: (RL weight, SFT weight) indexed by the number of correct rollouts; (1, 0) beyond."""
 
     def __post_init__(self) -> None:
+        checks.finite_floats(self)
         if self.mode not in ("switch", "soft"):
             raise ValueError(f"SwitchConfig.mode must be 'switch' or 'soft', got {self.mode!r}")
         if self.gate < 0:

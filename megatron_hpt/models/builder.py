@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 
+from megatron_hpt.config import InputNotFoundError, checks
 from megatron_hpt.models.architectures import ArchSpec, arch_for, head_dim
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -41,27 +42,35 @@ class ModelConfig:
     """Megatron FP8 recipe; "tensorwise" is TE's current scaling."""
 
     def __post_init__(self) -> None:
-        if self.rope_theta is not None and self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
-        if self.max_position_embeddings is not None and self.max_position_embeddings < 1:
-            raise ValueError("max_position_embeddings must be >= 1")
+        checks.not_empty(self, "hf_path")
+        checks.finite_floats(self)
+        checks.positive(self, "rope_theta")
+        checks.at_least(self, 1, "max_position_embeddings")
 
     @property
     def dtype(self) -> torch.dtype:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
 
-def load_hf_config(path: str | Path):
+def require_hf_dir(path: str | Path, key: str | None = None) -> Path:
+    """``path`` as a local HF checkpoint directory (one with config.json); model paths are
+    always local (never looked up on a hub), so a missing one is an error naming it."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        where = f"{key}={str(path)!r}" if key else str(p)
+        problem = "the path does not exist" if not p.exists() else "not an HF checkpoint directory"
+        raise InputNotFoundError(
+            f"{where}: no config.json ({problem}); expected a local HF checkpoint directory (config.json, "
+            "tokenizer, safetensors). Model paths are never looked up on a hub: download the model first"
+        )
+    return p
+
+
+def load_hf_config(path: str | Path, key: str | None = None):
     """The transformers config of a local checkpoint directory (no hub access)."""
     from transformers import AutoConfig
 
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{p}: no config.json; pass a local HF checkpoint directory "
-            "(hubs are not reachable from training machines: download it first)"
-        )
-    return AutoConfig.from_pretrained(str(p), local_files_only=True)
+    return AutoConfig.from_pretrained(str(require_hf_dir(path, key)), local_files_only=True)
 
 
 def te_available() -> bool:

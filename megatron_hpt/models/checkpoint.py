@@ -17,15 +17,21 @@ divides the model. Both spec variants load them: the local spec saves under
 Transformer Engine's names, and ``_extra_state`` objects a checkpoint lacks
 (TE's FP8 metadata) are left at their fresh values.
 
-Writes are atomic: everything goes to ``<dir>.tmp`` and is renamed into place
-once complete, so a crash never leaves a half-written ``<dir>``.
+Writes are atomic and durable: everything goes to ``<dir>.tmp``, is fsynced,
+and is renamed into place once complete (the parent directory fsynced after the
+rename), so a crash or power loss never leaves a half-written ``<dir>``. A write
+that fails on the OS's side (disk full, quota, read-only or failing disk) raises
+``CheckpointWriteError`` naming the file and the OS error, not the bare message
+of torch's serializer ("unexpected pos 704 vs 598").
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -33,6 +39,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from megatron_hpt.config import ReportedError
 from megatron_hpt.models.hf_checkpoint import copy_aux_files, dtype_name
 
 METADATA_FILE = "megatron_hpt_checkpoint.json"
@@ -117,14 +124,14 @@ def write_checkpoint_metadata(
         "hf_config": hf_config,
         "manifest": manifest,
     }
-    (ckpt / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    durable_write_text(ckpt / METADATA_FILE, json.dumps(meta, indent=2) + "\n")
     return meta
 
 
 def update_checkpoint_metadata(ckpt_dir: str | Path, **fields: Any) -> dict:
     meta = read_checkpoint_metadata(ckpt_dir)
     meta.update(fields)
-    (Path(ckpt_dir) / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    durable_write_text(Path(ckpt_dir) / METADATA_FILE, json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -135,6 +142,154 @@ def _megatron_version() -> str | None:
         return version("megatron-core")
     except Exception:  # a source checkout without package metadata
         return None
+
+
+# --------------------------------------------------------------------------- #
+# Durable writes
+# --------------------------------------------------------------------------- #
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a directory's entries (renames, new files), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # Some file systems cannot fsync a directory; their renames are as durable as they get.
+        if not (Path(path).is_dir() and e.errno in (errno.EINVAL, errno.EBADF, errno.ENOTSUP)):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and directory under ``root`` (before renaming it into place)."""
+    for here, _dirs, files in os.walk(root):
+        for name in files:
+            if not os.path.islink(os.path.join(here, name)):
+                fsync_path(os.path.join(here, name))
+        fsync_path(here)
+
+
+def durable_replace(src: str | Path, dst: str | Path) -> None:
+    """``os.replace`` that survives a power loss: the parent directory is fsynced after it."""
+    os.replace(src, dst)
+    fsync_path(Path(dst).parent)
+
+
+def durable_write_text(path: str | Path, text: str) -> None:
+    """Replace ``path`` atomically and durably: write ``<path>.tmp``, fsync it, rename it over."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    durable_replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- #
+# Write errors that name the OS error and the file
+# --------------------------------------------------------------------------- #
+WRITE_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EIO, errno.EROFS, errno.EFBIG)
+    if code is not None
+)
+"""OS errors that mean "this storage cannot take the write" rather than a wrong path."""
+
+
+class CheckpointWriteError(ReportedError, OSError):
+    """Writing a checkpoint or a conversion's output failed on the OS's side (disk full,
+    quota, read-only or failing storage); the message names the file and the OS error."""
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """A storage OSError anywhere in ``exc``'s chain (causes, contexts, and the per-rank
+    failures torch's distributed checkpoint collects)."""
+    stack, seen = [exc], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return e
+        stack += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        for failure in failures.values() if isinstance(failures, dict) else ():
+            stack.append(failure[0] if isinstance(failure, tuple) else failure)
+    return None
+
+
+def _newest_files(directory: Path, count: int = 4) -> list[Path]:
+    """The ``count`` most recently modified files under ``directory``, newest first."""
+    found = []
+    for here, _dirs, files in os.walk(directory):
+        for name in files:
+            p = Path(here) / name
+            with contextlib.suppress(OSError):
+                found.append((os.lstat(p).st_mtime_ns, p))
+    return [p for _, p in sorted(found, reverse=True)[:count]]
+
+
+def _probe_write(path: Path) -> OSError | None:
+    """Append a block to a file a failed write left behind, to learn the OS error:
+    torch's serializer reports a short write only as "unexpected pos" or an iostream error.
+    The file is garbage already (its write failed), so nothing is lost."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, bytes(4096))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return e if e.errno in WRITE_ERRNOS else None
+    return None
+
+
+def _free_space(directory: Path) -> str:
+    """Free space on the file system of ``directory`` (or of its nearest existing parent)."""
+    here = directory
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    try:
+        free = float(shutil.disk_usage(here).free)
+    except OSError:
+        return "unknown"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if free < 1024:
+            return f"{free:.1f} {unit}"
+        free /= 1024
+    return f"{free:.1f} TiB"
+
+
+@contextlib.contextmanager
+def naming_write_errors(directory: str | Path, what: str) -> Iterator[None]:
+    """Turn a failed write under ``directory`` into ``CheckpointWriteError`` naming the
+    file and the OS error (disk full, quota, read-only, I/O error). Errors that are not
+    the storage's pass through unchanged."""
+    directory = Path(directory)
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except Exception as exc:
+        os_error = _os_error_in(exc)
+        recent = _newest_files(directory) if directory.exists() else []
+        file = recent[0] if recent else directory
+        for candidate in recent if os_error is None else ():
+            os_error = _probe_write(candidate)
+            if os_error is not None:
+                file = candidate
+                break
+        if os_error is None:
+            raise
+        file = os_error.filename or file
+        raise CheckpointWriteError(
+            os_error.errno,
+            f"writing {what} failed: {file}: {os.strerror(os_error.errno)} "
+            f"[{errno.errorcode.get(os_error.errno, os_error.errno)}] ({_free_space(directory)} free there). "
+            "Free space (or choose another output directory) and run again.",
+        ) from exc
 
 
 # --------------------------------------------------------------------------- #
@@ -157,27 +312,31 @@ def prepare_temp_dir(final: str | Path, *, overwrite: bool) -> Path:
 
 
 def commit_temp_dir(tmp: Path, final: str | Path) -> Path:
-    """Move a complete ``tmp`` into place as ``final`` (replacing an old one)."""
+    """Move a complete ``tmp`` into place as ``final`` (replacing an old one), durably:
+    its files are fsynced before the rename and the parent directory after it."""
     final = Path(final)
+    fsync_tree(tmp)
     old = None
     if final.exists():
         old = final.with_name(final.name + ".old")
         if old.exists():
             shutil.rmtree(old)
         final.rename(old)
-    tmp.rename(final)
+    durable_replace(tmp, final)
     if old is not None:
         shutil.rmtree(old)
     return final
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(final: str | Path, *, overwrite: bool = False, what: str | None = None) -> Iterator[Path]:
     """One process writes a directory: yields ``<final>.tmp``, renamed to ``final``
-    on success and removed on error."""
+    on success and removed on error. A write the storage refuses raises
+    ``CheckpointWriteError`` naming the file and the OS error."""
     tmp = prepare_temp_dir(final, overwrite=overwrite)
     try:
-        yield tmp
+        with naming_write_errors(tmp, what or str(final)):
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -263,23 +422,24 @@ def save_model_checkpoint(
     if extra_state is not None:
         state.update(extra_state(model_sd))
     _start_checkpoint_writer_shielded()
-    dist_checkpointing.save(state, str(tmp))
-    if rank == 0:
-        tp = gpt.config.tensor_model_parallel_size
-        pp = gpt.config.pipeline_model_parallel_size
-        write_checkpoint_metadata(
-            tmp,
-            hf_dir=hf_dir,
-            written_at={
-                "tensor_model_parallel_size": tp,
-                "pipeline_model_parallel_size": pp,
-                "data_parallel_size": world // (tp * pp),
-                "writer": "save_model_checkpoint",
-            },
-            source=source,
-            extra_state=sorted(k for k in state if k != MODEL_KEY),
-        )
-        commit_temp_dir(tmp, final)
+    with naming_write_errors(tmp, f"checkpoint {final}"):
+        dist_checkpointing.save(state, str(tmp))
+        if rank == 0:
+            tp = gpt.config.tensor_model_parallel_size
+            pp = gpt.config.pipeline_model_parallel_size
+            write_checkpoint_metadata(
+                tmp,
+                hf_dir=hf_dir,
+                written_at={
+                    "tensor_model_parallel_size": tp,
+                    "pipeline_model_parallel_size": pp,
+                    "data_parallel_size": world // (tp * pp),
+                    "writer": "save_model_checkpoint",
+                },
+                source=source,
+                extra_state=sorted(k for k in state if k != MODEL_KEY),
+            )
+            commit_temp_dir(tmp, final)
     dist.barrier()
     return final
 

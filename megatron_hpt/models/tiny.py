@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_hpt.config import checks
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -42,6 +44,19 @@ class TinyModelSpec:
     """HF rope_scaling dict (e.g. Llama-3 scaling) or None."""
     init_std: float = 0.02
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks.finite_floats(self)
+        checks.at_least(self, 1, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                        "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+        checks.positive(self, "rope_theta", "init_std")
+        checks.non_negative(self, "seed")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of "
+                             f"num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
 
 
 def _corpus(seed: int = 0) -> list[str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_hpt.config import checks
+
 
 @dataclass(kw_only=True, frozen=True)
 class ParallelConfig:
@@ -24,6 +26,8 @@ class ParallelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"backend must be auto, nccl or gloo, got {self.backend!r}")
+        checks.non_negative(self, "seed")
+        checks.at_least(self, 1, "timeout_minutes")
 
     @property
     def model_parallel_size(self) -> int:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Callable, Sequence
 
+from megatron_hpt.config import checks
 from megatron_hpt.rewards.extract import last_boxed_content
 from megatron_hpt.rewards.scoring import RewardItem, RewardResult, check_style, score_item
 
@@ -47,6 +48,7 @@ class RewardConfig:
     """Times an item is retried on a fresh worker after its worker died on it."""
 
     def __post_init__(self) -> None:
+        checks.finite_floats(self)
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.timeout_s <= 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from megatron_hpt.config import checks
 from megatron_hpt.rollout.engine import SamplingParams
 
 
@@ -94,6 +95,16 @@ class RolloutConfig:
         if self.engine == "own" and (self.tp_size, self.dp_size) != (1, 1):
             raise ValueError("tp_size and dp_size apply to engine 'sglang'; the own server runs one model copy")
         self.sampling_params()  # validates temperature, top_p, top_k
+        checks.finite_floats(self)
+        checks.positive(self, "startup_timeout_s", "request_timeout_s")
+        checks.non_negative(self, "retry_backoff_s")
+        checks.at_least(self, 1, "vocab_size", "context_length")
+        checks.not_empty(self, "host", "sglang_python", "weight_sync_master_address", "log_dir")
+        for url in self.urls:
+            if not url.startswith(("http://", "https://")) or not url.split("://", 1)[1].strip("/"):
+                raise ValueError(f"urls: {url!r} is not a server address; write http://host:port")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids (>= 0), got {self.stop_token_ids}")
 
     def sampling_params(self) -> SamplingParams:
         """The training-rollout sampling parameters."""

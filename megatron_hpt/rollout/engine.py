@@ -6,6 +6,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
+from megatron_hpt.config import checks
+
 if TYPE_CHECKING:
     import torch
 
@@ -24,6 +26,7 @@ class SamplingParams:
     """Tokens that end a response besides the model's EOS."""
 
     def __post_init__(self) -> None:
+        checks.finite_floats(self)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

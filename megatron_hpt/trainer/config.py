@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from megatron_hpt.config import apply_overrides, config_from_dict, config_to_dict, load_recipe
+from megatron_hpt.config import apply_overrides, checks, config_from_dict, config_to_dict, load_recipe
 from megatron_hpt.data.dataset import DatasetConfig
 from megatron_hpt.eval import EvalConfig
 from megatron_hpt.losses import LossConfig, SwitchConfig, get_preset
@@ -39,6 +39,10 @@ class AlgorithmConfig:
     """Keep a frozen reference model: needed for a KL penalty, also gives the KL metric;
     "auto" loads it only when the loss has kl_coef > 0."""
 
+    def __post_init__(self) -> None:
+        checks.finite_floats(self)
+        checks.positive(self, "constant_normalizer")
+
     def loss_config(self) -> LossConfig:
         try:
             base = config_to_dict(get_preset(self.preset))
@@ -61,10 +65,7 @@ class TrainLoopConfig:
     step: TrainStepConfig = field(default_factory=TrainStepConfig)
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        checks.at_least(self, 1, "steps", "rollout_batch_size", "mini_batch_size", "epochs")
         if self.rollout_batch_size % self.mini_batch_size:
             raise ValueError(
                 f"rollout_batch_size={self.rollout_batch_size} must be a multiple of "
@@ -82,7 +83,8 @@ class CheckpointConfig:
     every: int = 50
     """Save every this many rollout steps (and at the end, and on SIGTERM/SIGUSR1)."""
     keep_last: int = 3
-    """Complete checkpoints kept; older ones are deleted after a new one is written."""
+    """Complete checkpoints of the run kept; older ones are deleted after a new one is
+    written (never the one just written, never another run's). 0 keeps them all."""
     init_megatron: str | None = None
     """A Megatron checkpoint (from ``megatron-hpt convert``) to start from; None loads
     model.hf_path directly."""
@@ -93,6 +95,11 @@ class CheckpointConfig:
     so it sees the prompts after the first stage's. A resumed run uses its own checkpoint."""
     export_hf: bool = True
     """Write the final policy as an HF checkpoint (run_dir/final_hf)."""
+
+    def __post_init__(self) -> None:
+        checks.at_least(self, 1, "every")
+        checks.non_negative(self, "keep_last")
+        checks.not_empty(self, "init_megatron", "init_data_from")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -105,6 +112,9 @@ class LoggingConfig:
     """Progress bars for rollouts, rewards and training."""
     report: bool = True
     """At the end, write PNG plots of the curves and a markdown report."""
+
+    def __post_init__(self) -> None:
+        checks.not_empty(self, "wandb_project")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -133,10 +143,16 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        if self.data_parallel_size < 1:
-            raise ValueError("data_parallel_size must be >= 1")
-        if self.eval_every < 0:
-            raise ValueError("eval_every must be >= 0")
+        checks.not_empty(self, "name", "output_dir")
+        checks.non_negative(self, "seed", "eval_every")
+        checks.at_least(self, 1, "data_parallel_size")
+        for key, reward in (("reward", self.reward), ("eval.reward", self.eval.reward)):
+            if reward.num_workers < 1:
+                raise ValueError(
+                    f"{key}.num_workers must be >= 1 for a run, got {reward.num_workers}: 0 scores in the "
+                    "trainer's own process, where a response that hangs the verifier in C code stalls the "
+                    "run with no deadline (the pool kills such a worker)"
+                )
         self.algorithm.loss_config()  # an unknown preset or override fails at load time
 
     @property

@@ -28,6 +28,7 @@ from megatron_hpt.data.types import TrainBatch
 from megatron_hpt.parallel import ParallelState, destroy_parallel, init_parallel
 from megatron_hpt.trainer.config import RunConfig
 from megatron_hpt.trainer.rows import build_rows, row_policy_for
+from megatron_hpt.trainer.run_dir import read_run_id
 from megatron_hpt.training.batching import balanced_split, minibatch_split
 from megatron_hpt.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_hpt.training.hf_weights import (
@@ -95,6 +96,7 @@ class Trainer:
         self.step = 0
         self.sync_dir = self.run_dir / "weights_sync"
         self._weight_sender = None
+        self.run_id = _broadcast(read_run_id(self.run_dir) if self.is_rank0 else None)
 
         from megatron_hpt.models import load_hf_config
 
@@ -143,7 +145,7 @@ class Trainer:
         return ref
 
     def _maybe_resume(self) -> bool:
-        path = latest_checkpoint(self.run_dir / "checkpoints")
+        path = latest_checkpoint(self.run_dir / "checkpoints", run_id=self.run_id)
         if path is None:
             return False
         state = load_checkpoint(path, self.policy, self.st)
@@ -197,7 +199,7 @@ class Trainer:
     def save(self) -> None:
         extra = self.world.state_dict() if self.is_rank0 else {}
         save_checkpoint(self.run_dir / "checkpoints", self.step, self.policy, self.st, extra,
-                        keep_last=self.cfg.checkpoint.keep_last, hf_dir=self.cfg.model.hf_path)
+                        keep_last=self.cfg.checkpoint.keep_last, hf_dir=self.cfg.model.hf_path, run_id=self.run_id)
 
     def train_step(self) -> tuple[dict[str, float], Timer, float]:
         """Rollouts, rewards, rows and the optimizer steps of one step (not the sync)."""

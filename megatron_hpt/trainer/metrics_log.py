@@ -1,11 +1,54 @@
 """Per-step metrics: JSONL (the source of truth, one line per step), TensorBoard and
-optionally Weights & Biases, plus the one-line step summary on the console."""
+optionally Weights & Biases, plus the one-line step summary on the console.
+
+A run killed while appending leaves a partial last line in ``metrics.jsonl``; readers
+skip it and a resumed run drops it (with the steps after its checkpoint) before it
+appends again. A bad line anywhere else is an error naming the file and the line.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+
+from megatron_hpt.config import InputError
+from megatron_hpt.models.checkpoint import durable_write_text
+
+
+class MetricsFileError(InputError):
+    """A metrics.jsonl line other than the last is not a JSON record with a step."""
+
+
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of every complete line; a partial last line (the run died while
+    writing it) is left out. Any other line that does not parse is an error."""
+    lines = path.read_text().split("\n")
+    # A complete file ends with a newline, so its last piece is empty; a torn one does not.
+    torn, lines = lines[-1], lines[:-1]
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = record["step"]
+        except (ValueError, TypeError, KeyError) as e:
+            raise MetricsFileError(
+                f"{path}: line {number} is not a metrics record ({e}): {line[:80]!r}; "
+                "fix or delete that line to resume"
+            ) from None
+        if not isinstance(step, int):
+            raise MetricsFileError(f"{path}: line {number}: step must be an integer, got {step!r}")
+        out.append((line, record))
+    if torn.strip():
+        try:  # a last record that is whole but lost only its newline is kept
+            record = json.loads(torn)
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                out.append((torn, record))
+        except ValueError:
+            pass
+    return out
 
 
 class MetricsLogger:
@@ -30,10 +73,8 @@ class MetricsLogger:
         """Drop lines logged after ``step`` (a resumed run repeats those steps)."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        kept = [line for line, record in _records(self.path) if record["step"] <= step]
+        durable_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in sorted(metrics.items())}
@@ -61,8 +102,8 @@ def _json_number(v):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The per-step records of a run's metrics.jsonl."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The per-step records of a run's metrics.jsonl (a partial last line left out)."""
+    return [record for _, record in _records(Path(path))]
 
 
 def step_summary(step: int, total: int, m: dict[str, float]) -> str:

@@ -1,25 +1,33 @@
 """Training checkpoints: model and optimizer in megatron's ``dist_checkpointing``
 format, plus the LR schedule, counters, the caller's state (data sampler, trainer
-progress) and every rank's RNG states; written atomically, the last k kept.
+progress) and every rank's RNG states; written atomically and durably, the last k kept.
 
 Layout of a checkpoint root::
 
     root/step_000012/weights/         model + optimizer (``megatron_hpt.models.checkpoint``)
-    root/step_000012/trainer_state.pt LR schedule, counters, the trainer's own state
+    root/step_000012/trainer_state.pt LR schedule, counters, the run's id, the trainer's own state
     root/step_000012/rng/rank_*.pt    every rank's RNG states
     root/latest                       the name of the newest complete checkpoint
 
 ``weights/`` is a model checkpoint like the ones conversion writes, so
 ``megatron-hpt convert megatron-to-hf`` exports any training checkpoint.
 
-A checkpoint is written into ``step_X.tmp`` and renamed once every rank is done,
-and ``latest`` is replaced atomically after the rename, so a run killed in the
-middle of a save leaves the previous checkpoint loadable.
+A checkpoint is written into ``step_X.tmp``, fsynced, and renamed once every rank
+is done; ``latest`` is then replaced atomically (fsynced file, renamed, directory
+fsynced), so a run killed or a machine that loses power in the middle of a save
+leaves the previous checkpoint loadable. Checkpoints are ordered by the step number
+in their name (``step_1000000`` is newer than ``step_999999``). Each records the id
+of the run that wrote it: resuming and pruning only ever see the run's own
+checkpoints, and pruning never deletes the checkpoint just written.
+
+The side files (``trainer_state.pt``, ``rng/``) hold only tensors and plain Python
+values and are read with ``torch.load(weights_only=True)``: loading a checkpoint
+never runs code from it.
 """
 
 from __future__ import annotations
 
-import os
+import pickle
 import random
 import re
 import shutil
@@ -30,9 +38,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_hpt.config import InputError
+from megatron_hpt.models.checkpoint import (
+    commit_temp_dir,
+    durable_write_text,
+    fsync_path,
+    naming_write_errors,
+)
 from megatron_hpt.parallel import ParallelState
 
-_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+TRAINER_STATE = "trainer_state.pt"
+LATEST = "latest"
+
+
+class CheckpointError(InputError):
+    """A training checkpoint that cannot be used: incomplete, or holding more than plain data."""
 
 
 def _barrier() -> None:
@@ -40,13 +61,32 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def checkpoint_name(step: int) -> str:
+    """``step_000012``: six digits at least, more past step 999,999."""
+    return f"step_{step:06d}"
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step of a checkpoint directory's name, or None for any other name."""
+    match = _STEP_DIR.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch (CPU and CUDA) and megatron's tracker states of this rank."""
+    """Python, numpy, torch (CPU and CUDA) and megatron's tracker states of this rank,
+    as tensors and plain values only (so ``weights_only`` loading reads them)."""
     from megatron.core import tensor_parallel
 
+    np_state = np.random.get_state(legacy=False)
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
         "torch": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
@@ -59,11 +99,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np_state = state["numpy"]
+    np.random.set_state({
+        "bit_generator": np_state["bit_generator"],
+        "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+        "has_gauss": np_state["has_gauss"],
+        "gauss": np_state["gauss"],
+    })
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _save_durably(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+    fsync_path(path)
+
+
+def load_side_file(path: str | Path) -> Any:
+    """A checkpoint side file (trainer state, RNG states), read without unpickling code."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = re.search(r"WeightsUnpickler error: (.*?)(?:\. Please|\n|$)", str(e))
+        raise CheckpointError(
+            f"{path}: refused to load: it holds objects other than tensors and plain values "
+            f"({reason.group(1) if reason else type(e).__name__}). Checkpoint side files are read "
+            "without running code from them; a file written by another program, or by an older "
+            "megatron-hpt, cannot be resumed from."
+        ) from None
 
 
 def optimizer_has_state(optimizer) -> bool:
@@ -75,32 +140,57 @@ def optimizer_has_state(optimizer) -> bool:
     return bool(flag.item())
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root``, or None."""
+def checkpoint_run_id(path: str | Path) -> str | None:
+    """The id of the run that wrote a checkpoint (None: written before runs had ids)."""
+    state_file = Path(path) / TRAINER_STATE
+    if not state_file.is_file():
+        return None
+    return load_side_file(state_file).get("run_id")
+
+
+def list_checkpoints(root: str | Path, run_id: str | None = None) -> list[Path]:
+    """The checkpoints under ``root``, oldest to newest by step number; with ``run_id``,
+    only those that run wrote. (A ``step_N`` directory exists only once complete: it is
+    renamed from ``step_N.tmp`` after every rank has written its part.)"""
     root = Path(root)
-    pointer = root / "latest"
+    if not root.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in root.iterdir() if checkpoint_step(p) is not None and p.is_dir()]
+    found.sort()
+    return [p for _, p in found if run_id is None or checkpoint_run_id(p) == run_id]
+
+
+def latest_checkpoint(root: str | Path, run_id: str | None = None) -> Path | None:
+    """The newest complete checkpoint under ``root`` (of run ``run_id`` when given), or None:
+    the one ``latest`` names if it exists (and is that run's), else the highest step number."""
+    root = Path(root)
+    pointer = root / LATEST
     if pointer.is_file():
         candidate = root / pointer.read_text().strip()
-        if candidate.is_dir():
+        if (checkpoint_step(candidate) is not None and candidate.is_dir()
+                and (run_id is None or checkpoint_run_id(candidate) == run_id)):
             return candidate
-    steps = sorted(p for p in root.glob("step_*") if _STEP_DIR.match(p.name) and p.is_dir())
-    return steps[-1] if steps else None
+    found = list_checkpoints(root, run_id)
+    return found[-1] if found else None
 
 
 def save_checkpoint(
     root: str | Path, step: int, policy, st: ParallelState, extra: dict[str, Any], keep_last: int = 3,
-    hf_dir: str | Path | None = None,
+    hf_dir: str | Path | None = None, run_id: str | None = None,
 ) -> Path:
-    """Save ``policy`` (model, optimizer, schedule, counters), ``extra`` (rank 0's
-    picklable trainer state) and every rank's RNG at ``root/step_<step>``; ``hf_dir``
-    (config and tokenizer) is recorded so the checkpoint converts back to HF."""
+    """Save ``policy`` (model, optimizer, schedule, counters), ``extra`` (rank 0's trainer
+    state: tensors and plain Python values only) and every rank's RNG at ``root/step_<step>``;
+    ``hf_dir`` (config and tokenizer) is recorded so the checkpoint converts back to HF, and
+    ``run_id`` so that resuming and pruning keep to this run's checkpoints."""
     from megatron_hpt.models.checkpoint import save_model_checkpoint
 
     root = Path(root)
-    final = root / f"step_{step:06d}"
-    tmp = root / f"step_{step:06d}.tmp"
+    final = root / checkpoint_name(step)
+    tmp = root / f"{final.name}.tmp"
     if st.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
+        if not root.is_dir():
+            root.mkdir(parents=True)
+            fsync_path(root.parent)
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "rng").mkdir(parents=True)
@@ -113,51 +203,59 @@ def save_checkpoint(
         extra_state=(lambda model_sd: {"optimizer": policy.optimizer.sharded_state_dict(model_sd)})
         if with_optimizer else None,
     )
-    torch.save(rng_state(), tmp / "rng" / f"rank_{st.rank:05d}.pt")
-    if st.rank == 0:
-        torch.save(
-            {
-                "step": step,
-                "scheduler": policy.scheduler.state_dict(),
-                "optimizer_steps": policy.optimizer_steps,
-                "skipped_steps": policy.skipped_steps,
-                "world_size": st.world_size,
-                "with_optimizer": with_optimizer,
-                "extra": extra,
-            },
-            tmp / "trainer_state.pt",
-        )
+    with naming_write_errors(tmp, f"checkpoint {final}"):
+        _save_durably(rng_state(), tmp / "rng" / f"rank_{st.rank:05d}.pt")
+        if st.rank == 0:
+            _save_durably(
+                {
+                    "step": step,
+                    "run_id": run_id,
+                    "scheduler": policy.scheduler.state_dict(),
+                    "optimizer_steps": policy.optimizer_steps,
+                    "skipped_steps": policy.skipped_steps,
+                    "world_size": st.world_size,
+                    "with_optimizer": with_optimizer,
+                    "extra": extra,
+                },
+                tmp / TRAINER_STATE,
+            )
     _barrier()
     if st.rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer_tmp = root / "latest.tmp"
-        pointer_tmp.write_text(final.name)
-        os.replace(pointer_tmp, root / "latest")
-        _prune(root, keep_last)
+        with naming_write_errors(root, f"checkpoint {final}"):
+            commit_temp_dir(tmp, final)
+            durable_write_text(root / LATEST, final.name)
+        prune_checkpoints(root, keep_last, keep=final, run_id=run_id)
     _barrier()
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    steps = sorted(p for p in root.glob("step_*") if _STEP_DIR.match(p.name))
-    for old in steps[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+def prune_checkpoints(root: str | Path, keep_last: int, *, keep: Path, run_id: str | None) -> list[Path]:
+    """Delete the run's oldest checkpoints beyond the newest ``keep_last`` (0 keeps all),
+    never ``keep`` (the checkpoint just written) nor another run's; and any stale
+    ``step_*.tmp`` of a save that died. Returns what was deleted."""
+    root = Path(root)
+    deleted = []
+    if keep_last > 0:
+        ours = list_checkpoints(root, run_id)
+        excess = len(ours) - keep_last
+        for old in [p for p in ours if p != keep][:max(excess, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+            deleted.append(old)
     for stale in root.glob("step_*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
+    return deleted
 
 
 def read_trainer_extra(path: str | Path) -> dict[str, Any]:
     """The trainer's own state (``extra`` of ``save_checkpoint``: data sampler, eval history)
     of a checkpoint, without loading any weights."""
-    state_file = Path(path) / "trainer_state.pt"
+    state_file = Path(path) / TRAINER_STATE
     if not state_file.is_file():
-        raise FileNotFoundError(
-            f"{path} is not a complete training checkpoint (no trainer_state.pt); "
+        raise CheckpointError(
+            f"{path} is not a complete training checkpoint (no {TRAINER_STATE}); "
             "give a checkpoints/step_* directory of a finished save"
         )
-    return torch.load(state_file, weights_only=False)["extra"]
+    return load_side_file(state_file)["extra"]
 
 
 def load_checkpoint(path: str | Path, policy, st: ParallelState) -> dict[str, Any]:
@@ -166,9 +264,9 @@ def load_checkpoint(path: str | Path, policy, st: ParallelState) -> dict[str, An
     from megatron_hpt.models.checkpoint import load_model_checkpoint
 
     path = Path(path)
-    if not (path / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"{path} is not a complete training checkpoint (no trainer_state.pt)")
-    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    if not (path / TRAINER_STATE).is_file():
+        raise CheckpointError(f"{path} is not a complete training checkpoint (no {TRAINER_STATE})")
+    state = load_side_file(path / TRAINER_STATE)
     with_optimizer = state.get("with_optimizer", True)
     loaded = load_model_checkpoint(
         policy.module, path / "weights",
@@ -185,5 +283,5 @@ def load_checkpoint(path: str | Path, policy, st: ParallelState) -> dict[str, An
     policy.skipped_steps = state["skipped_steps"]
     rng_file = path / "rng" / f"rank_{st.rank:05d}.pt"
     if rng_file.is_file() and state["world_size"] == st.world_size:
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(load_side_file(rng_file))
     return {"step": state["step"], "extra": state["extra"]}

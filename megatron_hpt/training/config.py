@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_hpt.config import checks
+
 LogprobPrecision = Literal["model", "bf16", "fp8"]
 """Numerics of a forward-only log-prob pass: "model" (the model's own dtype: fp32 on CPU,
 bf16 on GPU), "bf16", or "fp8" (Transformer Engine, GPU only)."""
@@ -36,19 +38,19 @@ class OptimizerSettings:
     clip_grad: float = 1.0
     """Clip the global grad norm to this value (paper: 1.0); 0 disables."""
     skip_grad_norm_above: float = 80.0
-    """Skip the update (and count it) when the grad norm is above this, or not finite (paper: 80)."""
+    """Skip the update (and count it) when the grad norm is above this, or not finite (paper: 80);
+    .inf skips only non-finite grad norms."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (megatron's distributed optimizer)."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"min_lr must be in [0, lr], got {self.min_lr}")
-        if self.skip_grad_norm_above <= 0:
-            raise ValueError("skip_grad_norm_above must be > 0")
-        if self.warmup_steps < 0:
-            raise ValueError("warmup_steps must be >= 0")
+        checks.finite_floats(self, allow_inf=("skip_grad_norm_above",))
+        checks.positive(self, "lr", "adam_eps", "skip_grad_norm_above")
+        checks.non_negative(self, "min_lr", "weight_decay", "clip_grad", "warmup_steps")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        checks.within(self, "adam_beta1", 0.0, 1.0, high_open=True)
+        checks.within(self, "adam_beta2", 0.0, 1.0, high_open=True)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -62,6 +64,9 @@ class PrecisionConfig:
     """TE recipe for FP8 log-prob passes; must equal model.fp8_recipe for old log-probs."""
     fp8_gap_sample_rows: int = 4
     """When a log-prob pass runs FP8, recompute this many rows in BF16 and log the gap."""
+
+    def __post_init__(self) -> None:
+        checks.at_least(self, 1, "fp8_gap_sample_rows")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -79,7 +84,4 @@ class TrainStepConfig:
     """Keep the frozen reference model in CPU memory between uses (GPU only)."""
 
     def __post_init__(self) -> None:
-        if self.max_tokens_per_microbatch < 1:
-            raise ValueError("max_tokens_per_microbatch must be >= 1")
-        if self.logprob_chunk_rows is not None and self.logprob_chunk_rows < 1:
-            raise ValueError("logprob_chunk_rows must be >= 1 or None")
+        checks.at_least(self, 1, "max_tokens_per_microbatch", "logprob_chunk_rows")

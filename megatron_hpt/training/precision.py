@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from megatron_hpt.config import ConfigError
 from megatron_hpt.models import ModelConfig
 from megatron_hpt.training.config import PrecisionConfig
 
@@ -22,7 +23,7 @@ _TE_RECIPES = {
 }
 
 
-class PrecisionConfigError(ValueError):
+class PrecisionConfigError(ConfigError):
     """A precision setting that would mix FP8 and BF16 numerics in one ratio, or needs TE."""
 
 

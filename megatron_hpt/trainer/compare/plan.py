@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from megatron_hpt.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_recipe
+from megatron_hpt.config import ConfigError, apply_overrides, checks, config_from_dict, config_to_dict, load_recipe
 from megatron_hpt.losses import get_preset
 from megatron_hpt.trainer.config import RunConfig
 
@@ -71,6 +71,8 @@ class CompareSpec:
             raise ValueError(f"first_stage_fraction must be in (0, 1), got {self.first_stage_fraction}")
         if self.pass_k_samples < 0:
             raise ValueError(f"pass_k_samples must be >= 0, got {self.pass_k_samples}")
+        checks.finite_floats(self)
+        checks.non_negative(self, "pass_k_temperature")
         for item in self.overrides:
             key = item.split("=", 1)[0].strip()
             if key in OWNED_KEYS:
