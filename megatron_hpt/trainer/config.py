@@ -35,9 +35,16 @@ class AlgorithmConfig:
     """HPT's per-prompt SFT/RL switch: gate 0 (Qwen), 2 (LLaMA); mode switch or soft."""
     constant_normalizer: float = 8192.0
     """Denominator of token_sum_constant aggregation (paper: 8192, the max response length)."""
+    verl_num_ranks: int | None = None
+    """With ``overrides.normalization: verl``: the data-parallel size (GPUs) of the verl run whose
+    weighting is reproduced (the paper's runs: 8), whatever this run's own; None: this run's."""
     reference_model: Literal["auto", "on", "off"] = "auto"
     """Keep a frozen reference model: needed for a KL penalty, also gives the KL metric;
     "auto" loads it only when the loss has kl_coef > 0."""
+
+    def __post_init__(self) -> None:
+        if self.verl_num_ranks is not None and self.verl_num_ranks < 1:
+            raise ValueError(f"algorithm.verl_num_ranks must be >= 1 or None, got {self.verl_num_ranks}")
 
     def loss_config(self) -> LossConfig:
         try:
@@ -58,6 +65,11 @@ class TrainLoopConfig:
     epochs: int = 1
     """Passes over each rollout step's rows (PPO epochs; paper: 1). Later passes are
     off-policy: their importance ratios use the old log-probs taken before the first."""
+    minibatch_composition: Literal["auto", "groups", "sft_last"] = "auto"
+    """Which rows share a mini-batch: "groups" (whole prompt groups, SFT rows beside their peers),
+    "sft_last" (as the official code: rollouts first, SFT rows after them, mini_batch_size x n rows
+    per mini-batch, so the SFT rows land in the last); "auto": sft_last under verl normalization
+    (which replays the official split and needs it), else groups."""
     step: TrainStepConfig = field(default_factory=TrainStepConfig)
 
     def __post_init__(self) -> None:
@@ -65,6 +77,10 @@ class TrainLoopConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.minibatch_composition not in ("auto", "groups", "sft_last"):
+            raise ValueError(
+                f"minibatch_composition must be auto, groups or sft_last, got {self.minibatch_composition!r}"
+            )
         if self.rollout_batch_size % self.mini_batch_size:
             raise ValueError(
                 f"rollout_batch_size={self.rollout_batch_size} must be a multiple of "
@@ -137,7 +153,19 @@ class RunConfig:
             raise ValueError("data_parallel_size must be >= 1")
         if self.eval_every < 0:
             raise ValueError("eval_every must be >= 0")
-        self.algorithm.loss_config()  # an unknown preset or override fails at load time
+        loss = self.algorithm.loss_config()  # an unknown preset or override fails at load time
+        if loss.normalization == "verl" and self.train.minibatch_composition == "groups":
+            raise ValueError(
+                "train.minibatch_composition: groups conflicts with algorithm.overrides.normalization: verl, "
+                "which replays the official split (SFT rows in the last mini-batch); use auto or sft_last"
+            )
+
+    @property
+    def minibatch_composition(self) -> str:
+        """train.minibatch_composition with "auto" resolved."""
+        if self.train.minibatch_composition != "auto":
+            return self.train.minibatch_composition
+        return "sft_last" if self.algorithm.loss_config().normalization == "verl" else "groups"
 
     @property
     def world_size(self) -> int:
