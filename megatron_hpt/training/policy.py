@@ -61,6 +61,13 @@ def normalizers_for(rows: Sequence[TrainRow], indices: Sequence[int], constant: 
     )
 
 
+def verl_normalizers_for(
+    rows: Sequence[TrainRow], indices: Sequence[int], constant: float, num_ranks: int
+) -> LossNormalizers:
+    """Normalization ``verl``: the counts of one verl micro-batch, scaled by 1 / verl's ranks."""
+    return replace(normalizers_for(rows, indices, constant), scale=1.0 / num_ranks)
+
+
 @dataclass
 class StepResult:
     """What one optimizer step did."""
@@ -322,7 +329,7 @@ class MegatronPolicy(_StageModel):
         micro-batch's counts scaled by 1 / verl's ranks (the loss is linear in its rows given them)."""
         out = []
         for verl_rows in verl.microbatches:
-            counts = replace(normalizers_for(rows, verl_rows, constant_normalizer), scale=1.0 / verl.num_ranks)
+            counts = verl_normalizers_for(rows, verl_rows, constant_normalizer, verl.num_ranks)
             for mb in self._microbatches(rows, verl_rows, extra):
                 mb.term_normalizers = counts
                 out.append(mb)
