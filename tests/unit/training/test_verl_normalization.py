@@ -178,3 +178,32 @@ def test_karmarkar_karp_matches_verl(seed, equal_size):
     n = k * rng.randint(1, 12) if equal_size else rng.randint(k, 60)
     lengths = [rng.choice([rng.randint(1, 50), 7, 7]) for _ in range(n)]  # ties on purpose
     assert karmarkar_karp(lengths, k, equal_size) == get_seqlen_balanced_partitions(lengths, k, equal_size)
+
+
+def test_sft_last_composition_under_global_normalization():
+    """The official mini-batch composition without its normalization: rollouts first, SFT rows after
+    them, mini_batch_size x n rows per mini-batch; every rank's share balanced by tokens."""
+    step = Step("hpt", 4)
+    kinds = [r.kind for r in step.rows]
+    plans = [plan_minibatches(step.rows, mini_batch_size=MINI_BATCH_PROMPTS, rows_per_prompt=N, num_minibatches=2,
+                              epochs=2, dp_size=2, dp_rank=r, composition="sft_last") for r in range(2)]
+    size = MINI_BATCH_PROMPTS * N
+    order = [i for i, k in enumerate(kinds) if k != "sft"] + [i for i, k in enumerate(kinds) if k == "sft"]
+    expected = [sorted(order[o : o + size]) for o in range(0, len(order), size)]
+    assert [sorted(p.rows) for p in plans[0]] == expected * 2  # two epochs
+    assert all(p.verl is None for p in plans[0])
+    for m in range(len(plans[0])):
+        assert sorted(plans[0][m].local + plans[1][m].local) == sorted(plans[0][m].rows)
+    groups = plan_minibatches(step.rows, mini_batch_size=MINI_BATCH_PROMPTS, rows_per_prompt=N, num_minibatches=2,
+                              epochs=1, dp_size=1, dp_rank=0)
+    assert [{step.rows[i].group for i in p.rows} for p in groups] == [set(range(8)), set(range(8, 16))]
+
+
+def test_verl_split_errors_are_explained():
+    step = Step("hpt", 5)
+    with pytest.raises(ValueError, match="does not split over 3 verl ranks"):
+        plan_minibatches(step.rows, mini_batch_size=MINI_BATCH_PROMPTS, rows_per_prompt=N, num_minibatches=2,
+                         epochs=1, dp_size=1, dp_rank=0, verl_num_ranks=3, max_tokens=BUDGET)
+    with pytest.raises(ValueError, match="fewer than the 64 data-parallel ranks"):
+        plan_minibatches(step.rows, mini_batch_size=MINI_BATCH_PROMPTS, rows_per_prompt=N, num_minibatches=2,
+                         epochs=1, dp_size=64, dp_rank=0, verl_num_ranks=4, max_tokens=BUDGET)
