@@ -104,3 +104,12 @@ def test_report_prints_the_ratios():
     exact = weights_report(load_run_config("hpt-qwen2.5-math-7b-8gpu"), "hpt-qwen2.5-math-7b-8gpu")
     assert "verl normalization over 8 ranks" in exact and "8.000x" not in exact
     assert "like clip 1 and skip 80 on the official code's scale" in exact
+
+
+def test_algorithms_cli_prints_a_recipes_weights(capsys):
+    from megatron_hpt.cli import main
+
+    assert main(["algorithms", "--recipe", "hpt-qwen2.5-math-1.5b-8gpu", "algorithm.overrides.normalization=global"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("## hpt-qwen2.5-math-1.5b-8gpu: hpt") and "SFT token_mean x 0.3" in out
+    assert out.count("| 8.000x |") == 3  # the PG ratio on every sample step
