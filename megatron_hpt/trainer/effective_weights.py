@@ -98,8 +98,8 @@ def step_scales(cfg: RunConfig, rows: list[TrainRow], setup: WeightingSetup) -> 
         if plan.verl is None:
             groups = [(plan.rows, normalizers_for(rows, plan.rows, setup.constant))]
         else:
-            groups = [(list(mb), verl_normalizers_for(rows, mb, setup.constant, plan.verl.num_ranks))
-                      for mb in plan.verl.microbatches]
+            groups = [(list(mine), verl_normalizers_for(rows, whole, setup.constant, plan.verl.num_ranks))
+                      for mine, whole in plan.verl.pieces]
         for indices, norms in groups:
             chosen = [rows[i] for i in indices]
             tokens = torch.tensor([len(r.response_ids) for r in chosen], dtype=torch.float64)

@@ -89,12 +89,12 @@ def _verl_plans(
         lengths, order, num_ranks=num_ranks, rows_per_minibatch=rows_per_step_minibatch // num_ranks,
         max_tokens=max_tokens,
     ):
-        mine = [microbatches[u].rows for u in assign_to_ranks(microbatches, lengths, dp_size)[dp_rank]]
+        mine = assign_to_ranks(microbatches, lengths, dp_size)[dp_rank]
         plans.append(
             MiniBatchPlan(
                 rows=sorted(i for mb in microbatches for i in mb.rows),
-                local=sorted(i for mb in mine for i in mb),
-                verl=VerlShare(microbatches=tuple(mine), num_ranks=num_ranks),
+                local=sorted(i for rows, _ in mine for i in rows),
+                verl=VerlShare(pieces=tuple(mine), num_ranks=num_ranks),
             )
         )
     return plans

@@ -325,12 +325,13 @@ class MegatronPolicy(_StageModel):
         return reduce_step_metrics(losses, self.st)
 
     def _verl_microbatches(self, rows, verl: VerlShare, extra, constant_normalizer: float) -> list[MicroBatch]:
-        """Each verl micro-batch in micro-batches of this run's own budget, all carrying the verl
-        micro-batch's counts scaled by 1 / verl's ranks (the loss is linear in its rows given them)."""
+        """This rank's pieces of verl micro-batches in micro-batches of this run's own budget, each
+        carrying its verl micro-batch's counts scaled by 1 / verl's ranks (the loss is linear in the
+        rows given them)."""
         out = []
-        for verl_rows in verl.microbatches:
-            counts = verl_normalizers_for(rows, verl_rows, constant_normalizer, verl.num_ranks)
-            for mb in self._microbatches(rows, verl_rows, extra):
+        for mine, whole in verl.pieces:
+            counts = verl_normalizers_for(rows, whole, constant_normalizer, verl.num_ranks)
+            for mb in self._microbatches(rows, mine, extra):
                 mb.term_normalizers = counts
                 out.append(mb)
         return out

@@ -23,8 +23,9 @@ The official code (TsinghuaC3I/Unify-Post-Training, on verl: ``mix_trainer.py``,
 
 ``verl_split`` gives every verl micro-batch of every mini-batch; ``assign_to_ranks``
 deals them to this run's data-parallel ranks, whatever their number: the objective is
-a sum over verl micro-batches (each normalized by its own counts and 1 / verl's ranks),
-so where each one is computed does not change it. Pure Python on row lengths.
+a sum over verl micro-batches, each normalized by its own counts and 1 / verl's ranks,
+and linear in its rows given those, so where each row is computed does not change it.
+Pure Python on row lengths.
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ class VerlMicroBatch:
 class VerlShare:
     """What one data-parallel rank of this run computes of a mini-batch under verl normalization."""
 
-    microbatches: tuple[tuple[int, ...], ...]
-    """Rows of each verl micro-batch this rank computes (each normalized by its own counts)."""
+    pieces: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+    """(rows this rank computes, every row of the verl micro-batch they belong to): the rows are
+    normalized by their whole verl micro-batch's counts, wherever they are computed."""
     num_ranks: int
     """verl's data-parallel ranks: every term is divided by them (FSDP's gradient average)."""
 
@@ -174,12 +176,22 @@ def verl_row_order(is_sft: Sequence[bool]) -> list[int]:
     return [i for i, s in enumerate(is_sft) if not s] + [i for i, s in enumerate(is_sft) if s]
 
 
-def assign_to_ranks(microbatches: Sequence[VerlMicroBatch], lengths: Sequence[int], dp_size: int) -> list[list[int]]:
-    """Indices of the micro-batches each of this run's ``dp_size`` ranks computes, balancing tokens."""
-    if len(microbatches) < dp_size:
-        raise ValueError(
-            f"this mini-batch has {len(microbatches)} verl micro-batches, fewer than the {dp_size} data-parallel "
-            "ranks (each rank needs at least one); use fewer data-parallel ranks or a smaller micro-batch budget"
-        )
-    tokens = [sum(lengths[i] for i in mb.rows) for mb in microbatches]
-    return balanced_split(tokens, range(len(microbatches)), dp_size)
+def assign_to_ranks(
+    microbatches: Sequence[VerlMicroBatch], lengths: Sequence[int], dp_size: int
+) -> list[list[tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """Each of this run's ``dp_size`` ranks' pieces (rows, their verl micro-batch's rows), balancing
+    tokens. Every rank gets at least one piece: when verl made fewer micro-batches than there are ranks
+    (a verl rank with no rows in this mini-batch), the largest are cut in two."""
+    pieces = [(mb.rows, mb.rows) for mb in microbatches]
+    while len(pieces) < dp_size:
+        cut = max(range(len(pieces)), key=lambda p: (len(pieces[p][0]), -p))
+        rows, whole = pieces[cut]
+        if len(rows) < 2:
+            raise ValueError(
+                f"this mini-batch has {sum(len(p[0]) for p in pieces)} rows, fewer than the {dp_size} data-parallel "
+                "ranks (each needs at least one); use fewer data-parallel ranks or more rows per mini-batch"
+            )
+        by_length = sorted(rows, key=lambda i: (-lengths[i], i))
+        pieces[cut : cut + 1] = [(tuple(sorted(by_length[0::2])), whole), (tuple(sorted(by_length[1::2])), whole)]
+    tokens = [sum(lengths[i] for i in rows) for rows, _ in pieces]
+    return [[pieces[p] for p in share] for share in balanced_split(tokens, range(len(pieces)), dp_size)]

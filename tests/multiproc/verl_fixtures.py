@@ -46,7 +46,7 @@ def verl_step_grads(hf_dir: str, verl_ranks: int, mini_batch_prompts: int, verl_
     for plan in plans:
         policy.backward_minibatch(rows, plan.rows, plan.local, _loss_config(), temperature=1.0, old_logp=old,
                                   constant_normalizer=RESPONSE_LENGTH, verl=plan.verl)
-        out.append({"grads": _main_grads(policy, st), "num_verl_microbatches": len(plan.verl.microbatches)})
+        out.append({"grads": _main_grads(policy, st), "num_verl_microbatches": len(plan.verl.pieces)})
     return out
 
 

@@ -91,10 +91,10 @@ def _ours(step: Step, cfg, ranks: int, dp_size: int) -> list[torch.Tensor]:
         total = 0.0
         for plans in per_rank:
             assert plans[m].rows == every
-            for mb in plans[m].verl.microbatches:
-                term = replace(LossNormalizers.count(step.inputs(list(mb)), R), scale=1.0 / ranks)
-                for o in range(0, len(mb), 2):
-                    loss, _ = unified_loss(cfg, step.inputs(list(mb[o : o + 2])), norms, term)
+            for mine, whole in plans[m].verl.pieces:
+                term = replace(LossNormalizers.count(step.inputs(list(whole)), R), scale=1.0 / ranks)
+                for o in range(0, len(mine), 2):
+                    loss, _ = unified_loss(cfg, step.inputs(list(mine[o : o + 2])), norms, term)
                     total = total + loss
         grads.append(step.grad(total))
     return grads
@@ -125,7 +125,7 @@ def _luffy_loss(*t):
     return luffy_microbatch_loss(*t, entropy_coeff=0.01)
 
 
-@pytest.mark.parametrize("dp_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("dp_size", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_hpt_gradients_equal_the_official_aggregation(seed, dp_size):
     step = Step("hpt", seed)
@@ -165,7 +165,8 @@ def test_split_is_the_official_one_and_sft_rows_come_last():
     plans = _plans(step, 4, 1, 0)
     for plan, mb in zip(plans, split, strict=True):
         theirs = sorted(tuple(sorted(rows)) for rank in mb for rows in rank)
-        assert sorted(tuple(sorted(rows)) for rows in plan.verl.microbatches) == theirs
+        assert sorted(tuple(sorted(whole)) for mine, whole in plan.verl.pieces) == theirs
+        assert all(mine == whole for mine, whole in plan.verl.pieces)
     sft = {i for i, r in enumerate(step.rows) if r.kind == "sft"}
     assert sft and sft <= set(plans[-1].rows) and not sft & set(plans[0].rows)
 
@@ -204,6 +205,23 @@ def test_verl_split_errors_are_explained():
     with pytest.raises(ValueError, match="does not split over 3 verl ranks"):
         plan_minibatches(step.rows, mini_batch_size=MINI_BATCH_PROMPTS, rows_per_prompt=N, num_minibatches=2,
                          epochs=1, dp_size=1, dp_rank=0, verl_num_ranks=3, max_tokens=BUDGET)
-    with pytest.raises(ValueError, match="fewer than the 64 data-parallel ranks"):
+    with pytest.raises(ValueError, match="rows, fewer than the 64 data-parallel ranks"):
         plan_minibatches(step.rows, mini_batch_size=MINI_BATCH_PROMPTS, rows_per_prompt=N, num_minibatches=2,
                          epochs=1, dp_size=64, dp_rank=0, verl_num_ranks=4, max_tokens=BUDGET)
+
+
+def test_every_rank_gets_rows_when_verl_made_fewer_microbatches():
+    """8 ranks here, fewer verl micro-batches in the last mini-batch: some are cut in pieces that keep their
+    verl micro-batch's normalizers (the gradients above hold at dp_size=8 too)."""
+    step = Step("hpt", 0)
+    plans = [_plans(step, 4, 8, r) for r in range(8)]
+    cut = False
+    for m in range(len(plans[0])):
+        shares = [p[m].verl.pieces for p in plans]
+        assert all(shares)
+        wholes = {whole for share in shares for _, whole in share}
+        cut = cut or len(wholes) < 8
+        for whole in wholes:
+            parts = [mine for share in shares for mine, w in share if w == whole]
+            assert sorted(i for p in parts for i in p) == sorted(whole)
+    assert cut
