@@ -301,7 +301,8 @@ class MegatronPolicy(_StageModel):
         rank trains on. Log-prob dicts hold per-response-token tensors by row index
         (needed on the last stage only); ``old_from_current`` takes the old policy's
         log-probs from this forward (valid while the weights are those of the rollout). ``verl``:
-        normalization ``verl``, this rank's verl micro-batches (``local`` must hold their rows)."""
+        normalization ``verl``: the pieces of verl micro-batches this rank computes (their rows
+        are ``local``), each normalized by its whole verl micro-batch."""
         norms = normalizers_for(rows, minibatch, constant_normalizer)
         extra = {"old_logp": old_logp or {}, "ref_logp": ref_logp or {}}
         if verl is None:
