@@ -4,7 +4,8 @@
     megatron-hpt train --recipe R [k=v..]  a training run (under torchrun, or spawning its ranks)
     megatron-hpt eval --recipe R ...       evaluate a checkpoint on the recipe's held-out sets
     megatron-hpt convert ...               HF <-> Megatron checkpoints (checkpoints_tools)
-    megatron-hpt algorithms                the estimator presets in the paper's form
+    megatron-hpt algorithms [--recipe R]   the estimator presets in the paper's form; with a recipe,
+                                           its loss terms' weights next to the official code's
     megatron-hpt compare ...               several algorithms, same budget, one table
 
 Options of a run live in its recipe (YAML) and ``dotted.key=value`` overrides;
@@ -28,6 +29,12 @@ SELF_PARSING = ("convert", "compare")
 
 
 def _algorithms(args: argparse.Namespace) -> int:
+    if args.recipe:
+        from megatron_hpt.trainer.config import load_run_config
+        from megatron_hpt.trainer.effective_weights import weights_report
+
+        print(weights_report(load_run_config(args.recipe, args.overrides), args.recipe))
+        return 0
     from megatron_hpt.losses import presets_table
 
     print(presets_table())
@@ -98,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=_convert)
 
     alg = verbs.add_parser("algorithms", help="print the estimator presets in the paper's form")
+    alg.add_argument("--recipe", help="print this recipe's loss-term weights on sample steps next to the official "
+                     "HPT code's instead")
+    alg.add_argument("overrides", nargs="*", help="dotted.key=value changes to the recipe")
     alg.set_defaults(func=_algorithms)
 
     cmp_ = verbs.add_parser("compare", help="train several algorithms on the same budget and compare", add_help=False)

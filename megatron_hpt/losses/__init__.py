@@ -3,11 +3,14 @@
 Pure torch on local tensors: never torch.distributed, never a world size. The
 training stage passes per-token tensors (``LossInputs``) and GLOBAL counts
 (``LossNormalizers``); ``unified_loss`` returns this micro-batch's contribution to
-the mini-batch objective, so sums over micro-batches and ranks are exact.
+the mini-batch objective, so sums over micro-batches and ranks are exact. With
+``LossConfig.normalization="verl"`` the terms take the counts of the official HPT
+code's micro-batches instead (``term_norms``), reproducing its weights.
 
 - ``config``: ``LossConfig``, one field per axis (reference, clip, advantage, aggregation, terms);
 - ``advantages``: ``compute_advantages`` from rewards per prompt group;
-- ``estimator``: ``LossInputs``, ``LossNormalizers``, ``unified_loss``;
+- ``estimator``: ``LossInputs``, ``LossNormalizers``, ``unified_loss``, ``term_weights`` (each term's
+  per-token weight under given normalizers);
 - ``presets``: ``PRESETS`` (sft, ppo, grpo, dr_grpo, dapo, rloo, reinforce, reinforce_pp, cispo, gspo,
   srft, luffy, hpt) and ``presets_table``;
 - ``switch``: ``hpt_switch`` (SFT or RL per prompt, hard gate or soft weights).
@@ -15,7 +18,15 @@ the mini-batch objective, so sums over micro-batches and ranks are exact.
 
 from megatron_hpt.losses.advantages import compute_advantages
 from megatron_hpt.losses.config import LossConfig
-from megatron_hpt.losses.estimator import MAX_METRICS, LossInputs, LossNormalizers, select_rows, unified_loss
+from megatron_hpt.losses.estimator import (
+    MAX_METRICS,
+    LossInputs,
+    LossNormalizers,
+    TermWeights,
+    select_rows,
+    term_weights,
+    unified_loss,
+)
 from megatron_hpt.losses.presets import PRESETS, get_preset, presets_table
 from megatron_hpt.losses.switch import SwitchConfig, SwitchDecision, hpt_switch
 
@@ -27,10 +38,12 @@ __all__ = [
     "LossNormalizers",
     "SwitchConfig",
     "SwitchDecision",
+    "TermWeights",
     "compute_advantages",
     "get_preset",
     "hpt_switch",
     "presets_table",
     "select_rows",
+    "term_weights",
     "unified_loss",
 ]

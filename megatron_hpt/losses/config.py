@@ -55,14 +55,35 @@ AdvantageEstimator = Literal["grpo", "rloo", "reinforce", "reinforce_pp", "gae",
 - ``unit``: A = 1 for every row (SFT)."""
 
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_constant"]
-"""How per-token terms become one number, always over the GLOBAL mini-batch (all micro-batches
-and data-parallel ranks), so the gradient does not depend on how the batch is split:
+"""How per-token terms become one number, over the rows ``Normalization`` names (by default the GLOBAL
+mini-batch, all micro-batches and data-parallel ranks, so the gradient does not depend on the split):
 
 - ``token_mean``: sum over tokens / number of tokens (DAPO, LUFFY's paper, CISPO);
 - ``seq_mean_token_mean``: mean over sequences of each sequence's token mean (GRPO, GSPO);
 - ``seq_mean_token_sum``: sum over tokens / number of sequences (REINFORCE, RLOO: the sequence is the action);
 - ``token_sum_constant``: sum over tokens / a constant (HPT's code: 8192, the maximum response length;
   Dr.GRPO's constant normalizer)."""
+
+Normalization = Literal["global", "verl"]
+"""Over which rows the terms' token and sequence counts are taken:
+
+- ``global``: the whole mini-batch (every micro-batch, every data-parallel rank), so the gradient is
+  the same however the mini-batch is split;
+- ``verl``: each micro-batch of the split the official HPT code (TsinghuaC3I/Unify-Post-Training, on
+  verl) makes, averaged over its data-parallel ranks: each micro-batch's loss is its own aggregate (the
+  policy-gradient token sum / constant, the SFT token mean over its SFT rows, the entropy mean over its
+  tokens), a rank sums its micro-batches and FSDP averages the ranks. The paper's runs trained with these
+  weights; ``megatron_hpt.training.verl_split`` replays that split."""
+
+DemonstrationReward = Literal["verifier", "success"]
+"""Reward of a demonstration inside an RL group (off-policy rows): ``verifier`` scores it like a rollout
+(the HPT authors' LUFFY and SRFT runs: a demonstration whose answer does not verify gets 0); ``success``
+fixes it at ``success_reward``."""
+
+DemonstrationSlot = Literal["replaces_rollout", "extra"]
+"""Where a group's demonstration comes from: ``replaces_rollout`` makes it one of the n rows of the group
+(n - 1 rollouts are sampled; the HPT authors' LUFFY and SRFT runs: n = 8 with one full-demonstration
+prefix sample); ``extra`` adds it to n rollouts (n + 1 rows)."""
 
 KLEstimator = Literal["k1", "k2", "k3"]
 """Per-token estimate of KL(pi_theta || pi_ref_model) from samples of pi_theta (Schulman, 2020):
@@ -86,6 +107,10 @@ class LossConfig:
     """pi_ref for on-policy RL rows (see ``Reference``)."""
     off_policy_reference: OffPolicyReference = "one"
     """pi_ref for off-policy RL rows, demonstrations mixed into RL groups (LUFFY, SRFT)."""
+    demonstration_reward: DemonstrationReward = "verifier"
+    """Reward of the off-policy demonstration row of a group (see ``DemonstrationReward``)."""
+    demonstration_slot: DemonstrationSlot = "replaces_rollout"
+    """Group composition with off-policy rows (see ``DemonstrationSlot``)."""
     off_policy_shaping: float | None = None
     """LUFFY's policy shaping on off-policy tokens: pi is replaced by f(pi) = pi / (pi + gamma), whose
     gradient up-weights low-probability tokens; the value is gamma (0.1 in LUFFY). None: no shaping."""
@@ -124,6 +149,10 @@ class LossConfig:
     # --- aggregation -----------------------------------------------------------------------------
     aggregation: Aggregation = "token_mean"
     """Aggregation of the policy-gradient term over RL rows (on- and off-policy)."""
+
+    normalization: Normalization = "global"
+    """Over which rows every term is normalized: the whole mini-batch, or verl's micro-batches and ranks as
+    the official HPT code (see ``Normalization``)."""
 
     # --- SFT ---------------------------------------------------------------------------------------
     sft_weight: float = 1.0
@@ -180,6 +209,13 @@ class LossConfig:
                 raise ValueError(f"{self.name}: {field} must be >= 0, got {getattr(self, field)}")
         if self.tis_cap is not None and self.tis_cap <= 0:
             raise ValueError(f"{self.name}: tis_cap must be > 0, got {self.tis_cap}")
+        for field, allowed in (
+            ("normalization", ("global", "verl")),
+            ("demonstration_reward", ("verifier", "success")),
+            ("demonstration_slot", ("replaces_rollout", "extra")),
+        ):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{self.name}: {field} must be one of {allowed}, got {getattr(self, field)!r}")
         if self.entropy_aware_weights is not None:
             if len(self.entropy_aware_weights) != 2 or min(self.entropy_aware_weights) < 0:
                 raise ValueError(

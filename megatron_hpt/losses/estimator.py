@@ -14,7 +14,9 @@ data-parallel ranks gives the mini-batch objective exactly, whatever the split.
 Pure torch on local tensors: no torch.distributed, no world size. The training
 stage computes ``LossNormalizers`` once per mini-batch (``LossNormalizers.count``
 on each micro-batch, summed, all-reduced over data-parallel ranks) and reduces the
-metrics with a sum (``MAX_METRICS`` with a max).
+metrics with a sum (``MAX_METRICS`` with a max). Under ``normalization="verl"`` the
+terms are normalized by the counts of the verl micro-batch the rows belong to, scaled
+by 1 / verl's data-parallel ranks (``term_norms``); the metrics stay mini-batch means.
 
 Shape suffixes: B rows, T target positions (target t is the token predicted at
 position t); a tensor without a suffix is a scalar.
@@ -98,6 +100,9 @@ class LossNormalizers:
     constant_normalizer: float = 8192.0
     """Divisor of ``token_sum_constant`` aggregation: the maximum response length (HPT's code divides
     each micro-batch's token sum by the padded response length, 8192; Dr.GRPO by the generation budget)."""
+    scale: float = 1.0
+    """Factor on every term normalized by these counts: 1 for the mini-batch's own counts; under
+    ``normalization="verl"``, 1 / the data-parallel ranks verl's FSDP averages gradients over."""
 
     def __post_init__(self) -> None:
         for f in _COUNT_FIELDS:
@@ -105,6 +110,8 @@ class LossNormalizers:
                 raise ValueError(f"LossNormalizers.{f} must be >= 0, got {getattr(self, f)}")
         if self.constant_normalizer <= 0:
             raise ValueError(f"LossNormalizers.constant_normalizer must be > 0, got {self.constant_normalizer}")
+        if not self.scale > 0:
+            raise ValueError(f"LossNormalizers.scale must be > 0, got {self.scale}")
         if self.num_sft_tokens + self.num_rl_tokens != self.num_tokens:
             raise ValueError(
                 f"LossNormalizers: num_sft_tokens + num_rl_tokens = {self.num_sft_tokens + self.num_rl_tokens} "
@@ -139,13 +146,13 @@ class LossNormalizers:
         return cls(**dict(zip(_COUNT_FIELDS, (int(v) for v in values))), constant_normalizer=constant_normalizer)
 
     def __add__(self, other: "LossNormalizers") -> "LossNormalizers":
-        if self.constant_normalizer != other.constant_normalizer:
+        if (self.constant_normalizer, self.scale) != (other.constant_normalizer, other.scale):
             raise ValueError(
-                f"cannot add normalizers with different constants ({self.constant_normalizer} vs "
-                f"{other.constant_normalizer})"
+                f"cannot add normalizers with different constants or scales ({self.constant_normalizer}, "
+                f"{self.scale} vs {other.constant_normalizer}, {other.scale})"
             )
         sums = {f: getattr(self, f) + getattr(other, f) for f in _COUNT_FIELDS}
-        return LossNormalizers(**sums, constant_normalizer=self.constant_normalizer)
+        return LossNormalizers(**sums, constant_normalizer=self.constant_normalizer, scale=self.scale)
 
     def to_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The counts as an int64 tensor [8], e.g. to all-reduce (SUM) over data-parallel ranks."""
@@ -236,36 +243,83 @@ def _check_finite(name: str, t: torch.Tensor, where_BT: torch.Tensor) -> None:
         raise ValueError(f"{name} is NaN or inf on {int(bad.sum())} loss tokens, in rows {rows}")
 
 
-def _check_counts(local: LossNormalizers, norms: LossNormalizers) -> None:
+def _check_counts(local: LossNormalizers, norms: LossNormalizers, scope: str) -> None:
     for f in _COUNT_FIELDS:
         if getattr(local, f) > getattr(norms, f):
             raise ValueError(
                 f"LossNormalizers.{f} = {getattr(norms, f)} is smaller than this micro-batch's own count "
-                f"{getattr(local, f)}: the normalizers must count the whole mini-batch (sum of "
-                "LossNormalizers.count over micro-batches, all-reduced over data-parallel ranks)"
+                f"{getattr(local, f)}: the normalizers must count {scope}"
             )
 
 
-def _aggregate(
-    loss_BT: torch.Tensor,
-    mask_BT: torch.Tensor,
-    aggregation: Aggregation,
-    num_tokens: int,
-    num_seqs: int,
-    constant: float,
+def aggregation_weights(
+    aggregation: Aggregation, tokens_B: torch.Tensor, num_tokens: int, num_seqs: int, constant: float
 ) -> torch.Tensor:
-    """This micro-batch's contribution to the mini-batch aggregate of loss_BT over mask_BT."""
-    masked_BT = loss_BT * mask_BT
+    """[B] weight of each token of each row in an aggregate over ``num_tokens`` tokens and ``num_seqs``
+    rows, where row b has ``tokens_B[b]`` of them: the aggregate of per-token values l is
+    sum_b w_b * sum_t l_bt."""
+    dtype = tokens_B.dtype if tokens_B.dtype.is_floating_point else torch.float64
+    tokens_B = tokens_B.to(dtype)
     if aggregation == "token_mean":
-        return masked_BT.sum() / max(num_tokens, 1)
+        return torch.full_like(tokens_B, 1.0 / max(num_tokens, 1))
     if aggregation == "token_sum_constant":
-        return masked_BT.sum() / constant
+        return torch.full_like(tokens_B, 1.0 / constant)
     if aggregation == "seq_mean_token_sum":
-        return masked_BT.sum() / max(num_seqs, 1)
+        return torch.full_like(tokens_B, 1.0 / max(num_seqs, 1))
     if aggregation == "seq_mean_token_mean":
-        tokens_B = mask_BT.sum(-1)
-        return (masked_BT.sum(-1) / tokens_B.clamp(min=1)).sum() / max(num_seqs, 1)
+        return 1.0 / (tokens_B.clamp(min=1) * max(num_seqs, 1))
     raise ValueError(f"unknown aggregation {aggregation!r}")
+
+
+@dataclass(frozen=True)
+class TermWeights:
+    """d(objective) / d(per-token term) for each row: [B] weights, 0 on rows a term does not cover.
+    They include the terms' coefficients and ``LossNormalizers.scale``, not the per-row factors that
+    depend on the data (``row_weight``, SRFT's entropy-aware weights)."""
+
+    pg: torch.Tensor
+    """Policy-gradient surrogate on RL rows (on- and off-policy)."""
+    sft: torch.Tensor
+    """-log pi on SFT rows (``sft_weight``)."""
+    off_policy_sft: torch.Tensor
+    """-log pi on off-policy rows (``off_policy_sft_weight``, SRFT)."""
+    entropy: torch.Tensor
+    """Entropy on every row (the term is -entropy_coef * H: this is entropy_coef's side)."""
+    kl: torch.Tensor
+    """KL estimate on every row."""
+
+
+def term_weights(
+    cfg: LossConfig,
+    tokens_B: torch.Tensor,
+    is_sft_B: torch.Tensor,
+    off_policy_B: torch.Tensor,
+    norms: LossNormalizers,
+) -> TermWeights:
+    """Per-token weights of every term for rows with ``tokens_B`` loss tokens, normalized by ``norms``
+    (the mini-batch's counts, or a verl micro-batch's with its 1 / ranks scale)."""
+    sft_B = is_sft_B.to(torch.bool)
+    off_B = off_policy_B.to(torch.bool) & ~sft_B
+    c = norms.constant_normalizer
+
+    def agg(aggregation: Aggregation, rows_B: torch.Tensor, num_tokens: int, num_seqs: int) -> torch.Tensor:
+        w_B = aggregation_weights(aggregation, tokens_B, num_tokens, num_seqs, c) * norms.scale
+        return torch.where(rows_B, w_B, torch.zeros_like(w_B))
+
+    every_B = torch.ones_like(sft_B)
+    mean_B = agg("token_mean", every_B, norms.num_tokens, norms.num_seqs)
+    return TermWeights(
+        pg=agg(cfg.aggregation, ~sft_B, norms.num_rl_tokens, norms.num_rl_seqs),
+        sft=cfg.sft_weight * agg(cfg.sft_aggregation, sft_B, norms.num_sft_tokens, norms.num_sft_seqs),
+        off_policy_sft=cfg.off_policy_sft_weight
+        * agg(cfg.sft_aggregation, off_B, norms.num_off_policy_tokens, norms.num_off_policy_seqs),
+        entropy=cfg.entropy_coef * mean_B,
+        kl=cfg.kl_coef * mean_B,
+    )
+
+
+def _weighted_sum(values_BT: torch.Tensor, mask_BT: torch.Tensor, w_B: torch.Tensor) -> torch.Tensor:
+    return ((values_BT * mask_BT).sum(-1) * w_B.to(values_BT.dtype)).sum()
 
 
 def _kl(logp_BT: torch.Tensor, ref_BT: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -280,7 +334,7 @@ def _kl(logp_BT: torch.Tensor, ref_BT: torch.Tensor, estimator: str) -> torch.Te
 
 
 def unified_loss(
-    cfg: LossConfig, inputs: LossInputs, norms: LossNormalizers
+    cfg: LossConfig, inputs: LossInputs, norms: LossNormalizers, term_norms: LossNormalizers | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This micro-batch's contribution to the mini-batch loss of the unified estimator.
 
@@ -300,12 +354,30 @@ def unified_loss(
     is grad_uni = 1_stable * (1 / pi_ref) * A * grad pi_theta per token (HPT paper, Eq. 3), plus the
     SFT, entropy and KL terms.
 
+    Every aggregate normalizes by ``norms``, the whole mini-batch's counts, or with
+    ``cfg.normalization == "verl"`` by ``term_norms``: the counts of the verl micro-batch (of the split
+    the official HPT code makes) these rows belong to, with ``scale`` = 1 / verl's data-parallel ranks,
+    so that L is the sum over verl micro-batches of each one's own aggregates, averaged over ranks.
+
     Returns ``(loss, metrics)``: ``loss`` is a scalar whose sum over all micro-batches and
     data-parallel ranks is L; ``metrics`` maps ``area/name`` to detached scalars that are likewise
-    contributions (sum them; keys in ``MAX_METRICS`` reduce with max).
+    contributions (sum them; keys in ``MAX_METRICS`` reduce with max). ``loss/*`` metrics are L's
+    terms; the others (entropy, ratios, NLL) are means over the mini-batch whatever the normalization.
     """
     _check_inputs(cfg, inputs)
-    _check_counts(LossNormalizers.count(inputs, norms.constant_normalizer), norms)
+    local = LossNormalizers.count(inputs, norms.constant_normalizer)
+    _check_counts(local, norms, "the whole mini-batch (sum of LossNormalizers.count over micro-batches, "
+                  "all-reduced over data-parallel ranks)")
+    if cfg.normalization == "verl":
+        if term_norms is None:
+            raise ValueError(
+                f"{cfg.name}: normalization='verl' needs term_norms, the counts of the verl micro-batch "
+                "these rows belong to (megatron_hpt.training.verl_split)"
+            )
+        _check_counts(local, term_norms, "the verl micro-batch these rows belong to")
+    elif term_norms is not None:
+        raise ValueError(f"{cfg.name}: term_norms are for normalization='verl', not {cfg.normalization!r}")
+    tn = term_norms if term_norms is not None else norms
 
     dtype = torch.float64 if inputs.logp.dtype == torch.float64 else torch.float32
     B, T = inputs.logp.shape
@@ -326,6 +398,7 @@ def unified_loss(
 
     w_B = inputs.row_weight.detach().to(device=device, dtype=dtype) if inputs.row_weight is not None else None
     w_BT = w_B[:, None] if w_B is not None else torch.ones((), dtype=dtype, device=device)
+    weights = term_weights(cfg, m_all_BT.sum(-1), sft_B, off_B, tn)
     zero = logp_BT.sum() * 0.0  # a graph-connected zero, so backward works on any micro-batch
     metrics: dict[str, torch.Tensor] = {}
 
@@ -363,50 +436,37 @@ def unified_loss(
             off_norm = max(norms.num_off_policy_tokens, 1)
             metrics["off_policy/prob_mean"] = (torch.exp(logp_BT.detach()) * m_off_BT).sum() / off_norm
 
-        pg = _aggregate(
-            loss_BT * w_BT, m_rl_BT, cfg.aggregation, norms.num_rl_tokens, norms.num_rl_seqs, norms.constant_normalizer
-        )
+        pg = _weighted_sum(loss_BT * w_BT, m_rl_BT, weights.pg)
 
     # ---- SFT term: -log pi on SFT rows (and SRFT's off-policy rows) ------------------------------------
     sft = zero
     nll_BT = -logp_BT
     if cfg.sft_weight > 0 and bool(m_sft_BT.any()):
-        sft_BT = nll_BT * w_BT * cfg.sft_weight
+        sft_BT = nll_BT * w_BT
         if sft_scale_BT is not None:
             sft_BT = sft_BT * sft_scale_BT
-        sft = sft + _aggregate(
-            sft_BT, m_sft_BT, cfg.sft_aggregation, norms.num_sft_tokens, norms.num_sft_seqs, norms.constant_normalizer
-        )
+        sft = sft + _weighted_sum(sft_BT, m_sft_BT, weights.sft)
         metrics["actor/sft_nll"] = (nll_BT.detach() * m_sft_BT).sum() / max(norms.num_sft_tokens, 1)
     if cfg.off_policy_sft_weight > 0 and bool(m_off_BT.any()):
-        sft_BT = nll_BT * w_BT * cfg.off_policy_sft_weight
+        sft_BT = nll_BT * w_BT
         if sft_scale_BT is not None:
             sft_BT = sft_BT * sft_scale_BT
-        sft = sft + _aggregate(
-            sft_BT,
-            m_off_BT,
-            cfg.sft_aggregation,
-            norms.num_off_policy_tokens,
-            norms.num_off_policy_seqs,
-            norms.constant_normalizer,
-        )
+        sft = sft + _weighted_sum(sft_BT, m_off_BT, weights.off_policy_sft)
 
     # ---- entropy bonus and KL penalty over all loss tokens ------------------------------------------------
     ent_term = zero
     if inputs.entropy is not None:
         ent_BT = torch.where(mask_BT, inputs.entropy.to(dtype), 0.0)
-        mean_h = (ent_BT * m_all_BT).sum() / max(norms.num_tokens, 1)
-        metrics["actor/entropy"] = mean_h.detach()
+        metrics["actor/entropy"] = (ent_BT.detach() * m_all_BT).sum() / max(norms.num_tokens, 1)
         if cfg.entropy_coef > 0:
-            ent_term = -cfg.entropy_coef * mean_h
+            ent_term = -_weighted_sum(ent_BT, m_all_BT, weights.entropy)
     kl_term = zero
     if inputs.ref_logp is not None:
         ref_BT = torch.where(mask_BT, inputs.ref_logp.detach().to(dtype), 0.0)
         kl_BT = _kl(logp_BT, ref_BT, cfg.kl_estimator)
-        mean_kl = (kl_BT * m_all_BT).sum() / max(norms.num_tokens, 1)
-        metrics["actor/kl_ref"] = mean_kl.detach()
+        metrics["actor/kl_ref"] = (kl_BT.detach() * m_all_BT).sum() / max(norms.num_tokens, 1)
         if cfg.kl_coef > 0:
-            kl_term = cfg.kl_coef * mean_kl
+            kl_term = _weighted_sum(kl_BT, m_all_BT, weights.kl)
 
     loss = pg + sft + ent_term + kl_term
     # the same keys on every micro-batch and rank, whatever rows it holds, so they can be all-reduced

@@ -16,20 +16,19 @@ code, as the paper's runs did:
 - LUFFY and SRFT, as the HPT authors ran them (``train_luffy.sh``,
   ``train_srft.sh``), use the same no-std, no-clip, token-sum / constant setting.
 
-Normalization in that code, and what this package does instead: its actor
-(``mix_actor.py``, verl) computes each term per MICRO-batch -- the policy-gradient
-sum over the micro-batch's RL tokens / 8192, the SFT loss as the mean over the
-micro-batch's SFT tokens (skipped when it has none), the entropy as the mean over
-all its tokens -- adds the micro-batches' losses without dividing by their number
-(mini = micro batch size, so ``gradient_accumulation`` is 1, while dynamic batching at
-32,768 tokens per GPU makes several micro-batches), and FSDP averages gradients over
-the 8 data-parallel ranks. Its effective objective therefore depends on how the batch
-is split: the policy gradient is the global token sum / (8192 x 8), while the SFT and
-entropy terms are per-micro-batch means summed over a rank's micro-batches. This
-package keeps the per-term forms (token sum / constant, token means) but normalizes
-each over the whole mini-batch (``LossNormalizers``), so the gradient is the same
-however the batch is split; ``constant_normalizer`` is the caller's choice (8192 as
-in DESIGN.md; 65,536 = 8192 x 8 reproduces the code's policy-gradient scale).
+Normalization in that code: its actor (``mix_actor.py``, verl) computes each term per
+MICRO-batch -- the policy-gradient sum over the micro-batch's RL tokens / 8192, the SFT
+loss as the mean over the micro-batch's SFT tokens (skipped when it has none), the
+entropy as the mean over all its tokens -- adds the micro-batches' losses without
+dividing by their number (mini = micro batch size, so ``gradient_accumulation`` is 1,
+while dynamic batching at 32,768 tokens per GPU makes several micro-batches), and FSDP
+averages gradients over the 8 data-parallel ranks. Its effective objective therefore
+depends on how the batch is split. The presets normalize each term over the whole
+mini-batch (``normalization="global"``), so the gradient is the same however the batch
+is split; ``normalization="verl"`` reproduces the code's weights exactly on the split it
+makes (``megatron_hpt.training.verl_split``), which is what the paper recipes use.
+LUFFY's and SRFT's groups are composed as the HPT authors ran them: n rows including the
+demonstration, scored by the verifier (``demonstration_slot``, ``demonstration_reward``).
 """
 
 from __future__ import annotations
@@ -119,7 +118,8 @@ LUFFY = _add(
 )
 """LUFFY (Yan et al. 2025): demonstrations join the rollout groups as off-policy rows with pi_ref = 1 and
 policy shaping f(pi) = pi / (pi + 0.1); advantages over on- and off-policy rows together. Settings as the
-HPT authors ran it: no std, no clip, token sum / constant, entropy 0.001."""
+HPT authors ran it: groups of n rows with the demonstration as one of them, scored by the verifier; no std,
+no clip, token sum / constant, entropy 0.001."""
 
 SRFT = _add(
     replace(

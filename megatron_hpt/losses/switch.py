@@ -9,6 +9,15 @@ with the hard switch alpha = 1[P > gate], beta = 1[P <= gate] (gate 0 for the
 Qwen models, 2 for LLaMA-3.1-8B in the paper's scripts ``exp_scripts/train*.sh``).
 Below the gate the rollouts are dropped and the demonstration becomes an SFT row.
 
+The official switch (``mix_trainer.py``, ``select_on_off_ada_balance``) has a second
+threshold, ``switch_gate_off``: a prompt with gate < P <= gate_off also drops its
+rollouts and adds its demonstration, flagged ``whether_off``, which only the
+``off_sft`` loss type reads (as an off-policy RL row); with HPT's loss type ``sft``
+it trains as an SFT row like those below the gate. The paper's scripts set it equal
+to the gate, where it changes nothing. ``remove_sfted_data`` takes every prompt that
+became a demonstration out of the sampling from the next epoch on (the official
+trainer removes them from the dataset when an epoch starts).
+
 The soft variant: the paper's code (``mix_trainer.py``, ``trainer.unify_strategy=soft``,
 ``soft_type=0``) computes per-prompt coefficients from the number of correct samples,
 (on-policy RL, off-policy RL, SFT), in a group of 8 that counts the demonstration
@@ -46,6 +55,13 @@ class SwitchConfig:
     gate: int = 0
     """A prompt with at most this many correct rollouts trains on its demonstration (paper: 0 for Qwen2.5,
     2 for LLaMA-3.1-8B)."""
+    gate_off: int | None = None
+    """The official ``switch_gate_off``: a prompt with gate < correct rollouts <= gate_off also trains on
+    its demonstration as an SFT row instead of its rollouts (HPT's ``offline_loss_type=sft``). The paper's
+    scripts set it to the gate (no effect); None: no second band."""
+    remove_sfted_data: bool = False
+    """The official ``remove_sfted_data``: every prompt that trained on its demonstration is never sampled
+    again from the next epoch on (the state is kept in checkpoints). The paper's scripts leave it off."""
     success_reward: float = 1.0
     """A rollout with reward >= this counts as correct (rewards are 0/1 in the paper)."""
     soft_weights: tuple[tuple[float, float], ...] = DEFAULT_SOFT_WEIGHTS
@@ -57,6 +73,13 @@ class SwitchConfig:
             raise ValueError(f"SwitchConfig.mode must be 'switch' or 'soft', got {self.mode!r}")
         if self.gate < 0:
             raise ValueError(f"SwitchConfig.gate must be >= 0, got {self.gate}")
+        if self.gate_off is not None and self.gate_off < 0:
+            raise ValueError(f"SwitchConfig.gate_off must be >= 0 or None, got {self.gate_off}")
+        if self.mode != "switch" and (self.gate_off is not None or self.remove_sfted_data):
+            raise ValueError(
+                "SwitchConfig.gate_off and remove_sfted_data belong to the hard switch (mode: switch), "
+                f"got mode={self.mode!r}"
+            )
         for k, pair in enumerate(self.soft_weights):
             if len(pair) != 2 or min(pair) < 0:
                 raise ValueError(f"SwitchConfig.soft_weights[{k}] must be two non-negative weights, got {pair}")
@@ -72,6 +95,8 @@ class SwitchDecision:
     """True: the prompt contributes its demonstration as an SFT row."""
     keep_rl: torch.Tensor
     """True: the prompt's rollouts stay as RL rows (False: they are dropped)."""
+    above_gate: torch.Tensor
+    """True: the prompt is SFT only through ``gate_off`` (gate < correct <= gate_off)."""
     rl_weight: torch.Tensor
     """Weight of the prompt's RL rows (``LossInputs.row_weight``); 1 or 0 with the hard switch."""
     sft_weight: torch.Tensor
@@ -83,6 +108,7 @@ class SwitchDecision:
             "hpt/sft_prompt_frac": float(self.is_sft.sum()) / n,
             "hpt/rl_prompt_frac": float(self.keep_rl.sum()) / n,
             "hpt/num_correct_mean": float(self.num_correct.float().mean()) if self.num_correct.numel() else 0.0,
+            "hpt/gate_off_prompt_frac": float(self.above_gate.sum()) / n,
         }
 
 
@@ -121,7 +147,7 @@ def hpt_switch(
         has_demonstration: [P] bool; a prompt without a demonstration cannot become SFT and keeps
             its rollouts (None: every prompt has one).
 
-    Hard switch (paper): P = #correct; P <= gate -> SFT row only, else RL rows only.
+    Hard switch (paper): P = #correct; P <= gate (or <= gate_off) -> SFT row only, else RL rows only.
     Soft: weights (RL, SFT) = soft_weights[P] (see the module docstring).
     """
     num_correct = _num_correct(rewards, cfg.success_reward)
@@ -130,9 +156,11 @@ def hpt_switch(
             f"has_demonstration shape {tuple(has_demonstration.shape)} does not match the {num_correct.numel()} prompts"
         )
     demo = has_demonstration.bool() if has_demonstration is not None else torch.ones_like(num_correct, dtype=torch.bool)
+    above_gate = torch.zeros_like(num_correct, dtype=torch.bool)
     if cfg.mode == "switch":
-        below = num_correct <= cfg.gate
-        is_sft = below & demo
+        gate = cfg.gate if cfg.gate_off is None else max(cfg.gate, cfg.gate_off)
+        is_sft = (num_correct <= gate) & demo
+        above_gate = is_sft & (num_correct > cfg.gate)
         keep_rl = ~is_sft
         rl_weight = keep_rl.to(torch.float32)
         sft_weight = is_sft.to(torch.float32)
@@ -146,5 +174,10 @@ def hpt_switch(
         is_sft = sft_weight > 0
         keep_rl = rl_weight > 0
     return SwitchDecision(
-        num_correct=num_correct, is_sft=is_sft, keep_rl=keep_rl, rl_weight=rl_weight, sft_weight=sft_weight
+        num_correct=num_correct,
+        is_sft=is_sft,
+        keep_rl=keep_rl,
+        above_gate=above_gate,
+        rl_weight=rl_weight,
+        sft_weight=sft_weight,
     )

@@ -35,6 +35,9 @@ class AlgorithmConfig:
     """HPT's per-prompt SFT/RL switch: gate 0 (Qwen), 2 (LLaMA); mode switch or soft."""
     constant_normalizer: float = 8192.0
     """Denominator of token_sum_constant aggregation (paper: 8192, the max response length)."""
+    verl_num_ranks: int | None = None
+    """With ``overrides.normalization: verl``: the data-parallel size (GPUs) of the verl run whose
+    weighting is reproduced (the paper's runs: 8), whatever this run's own; None: this run's."""
     reference_model: Literal["auto", "on", "off"] = "auto"
     """Keep a frozen reference model: needed for a KL penalty, also gives the KL metric;
     "auto" loads it only when the loss has kl_coef > 0."""
@@ -42,6 +45,7 @@ class AlgorithmConfig:
     def __post_init__(self) -> None:
         checks.finite_floats(self)
         checks.positive(self, "constant_normalizer")
+        checks.at_least(self, 1, "verl_num_ranks")
 
     def loss_config(self) -> LossConfig:
         try:
@@ -62,6 +66,11 @@ class TrainLoopConfig:
     epochs: int = 1
     """Passes over each rollout step's rows (PPO epochs; paper: 1). Later passes are
     off-policy: their importance ratios use the old log-probs taken before the first."""
+    minibatch_composition: Literal["auto", "groups", "sft_last"] = "auto"
+    """Which rows share a mini-batch: "groups" (whole prompt groups, SFT rows beside their peers),
+    "sft_last" (as the official code: rollouts first, SFT rows after them, mini_batch_size x n rows
+    per mini-batch, so the SFT rows land in the last); "auto": sft_last under verl normalization
+    (which replays the official split and needs it), else groups."""
     step: TrainStepConfig = field(default_factory=TrainStepConfig)
 
     def __post_init__(self) -> None:
@@ -153,7 +162,19 @@ class RunConfig:
                     "trainer's own process, where a response that hangs the verifier in C code stalls the "
                     "run with no deadline (the pool kills such a worker)"
                 )
-        self.algorithm.loss_config()  # an unknown preset or override fails at load time
+        loss = self.algorithm.loss_config()  # an unknown preset or override fails at load time
+        if loss.normalization == "verl" and self.train.minibatch_composition == "groups":
+            raise ValueError(
+                "train.minibatch_composition: groups conflicts with algorithm.overrides.normalization: verl, "
+                "which replays the official split (SFT rows in the last mini-batch); use auto or sft_last"
+            )
+
+    @property
+    def minibatch_composition(self) -> str:
+        """train.minibatch_composition with "auto" resolved."""
+        if self.train.minibatch_composition != "auto":
+            return self.train.minibatch_composition
+        return "sft_last" if self.algorithm.loss_config().normalization == "verl" else "groups"
 
     @property
     def world_size(self) -> int:

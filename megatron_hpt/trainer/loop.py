@@ -27,9 +27,8 @@ from megatron_hpt.config import dump_yaml
 from megatron_hpt.data.types import TrainBatch
 from megatron_hpt.parallel import ParallelState, destroy_parallel, init_parallel
 from megatron_hpt.trainer.config import RunConfig
-from megatron_hpt.trainer.rows import build_rows, row_policy_for
+from megatron_hpt.trainer.rows import build_rows, group_plan, row_policy_for
 from megatron_hpt.trainer.run_dir import read_run_id
-from megatron_hpt.training.batching import balanced_split, minibatch_split
 from megatron_hpt.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_hpt.training.hf_weights import (
     full_layout_stage_to_hf,
@@ -37,7 +36,8 @@ from megatron_hpt.training.hf_weights import (
     load_hf_weights,
     write_hf_checkpoint,
 )
-from megatron_hpt.training.policy import FrozenModel, MegatronPolicy, row_lengths
+from megatron_hpt.training.minibatch_plan import plan_minibatches
+from megatron_hpt.training.policy import FrozenModel, MegatronPolicy
 
 
 class Timer:
@@ -90,7 +90,11 @@ class Trainer:
         self.run_dir = Path(cfg.output_dir)
         self.loss_config = cfg.algorithm.loss_config()
         self.row_policy = row_policy_for(self.loss_config, cfg.algorithm.rows)
+        self.rows_per_prompt = group_plan(self.loss_config, self.row_policy, cfg.rollout.n).rows_per_prompt
         self.st: ParallelState = init_parallel(cfg.parallel)
+        self.verl_num_ranks = (
+            (cfg.algorithm.verl_num_ranks or self.st.dp_size) if self.loss_config.normalization == "verl" else None
+        )
         self.is_rank0 = self.st.rank == 0
         self.stop = StopRequested()
         self.step = 0
@@ -211,6 +215,8 @@ class Trainer:
             samples, metrics = self.world.rollout_and_score(self.step, timer)
             rows = build_rows(samples, self.loss_config, cfg.algorithm.switch, self.row_policy)
             metrics.update(rows.metrics)
+            if cfg.algorithm.switch.remove_sfted_data and self.row_policy == "switch":
+                self.world.remove_prompts(rows.sft_groups)
             payload = (rows.batch, metrics)
         batch, metrics = _broadcast(payload)
         metrics.update(self._train_on(batch, timer))
@@ -232,10 +238,13 @@ class Trainer:
     def _train_on(self, batch: TrainBatch, timer: Timer) -> dict[str, float]:
         cfg = self.cfg
         rows = batch.rows
-        lengths = row_lengths(rows)
-        minibatches = minibatch_split([r.group for r in rows], cfg.train.rollout_batch_size // cfg.train.mini_batch_size)
-        minibatches = minibatches * cfg.train.epochs
-        local = [balanced_split(lengths, mb, self.st.dp_size)[self.st.dp_rank] for mb in minibatches]
+        plans = plan_minibatches(
+            rows, mini_batch_size=cfg.train.mini_batch_size, rows_per_prompt=self.rows_per_prompt,
+            num_minibatches=cfg.train.rollout_batch_size // cfg.train.mini_batch_size, epochs=cfg.train.epochs,
+            dp_size=self.st.dp_size, dp_rank=self.st.dp_rank, composition=cfg.minibatch_composition,
+            verl_num_ranks=self.verl_num_ranks, max_tokens=cfg.train.step.max_tokens_per_microbatch,
+        )
+        local = [p.local for p in plans]
         temperature = cfg.rollout.temperature
         needs_old = self.loss_config.reference in ("old", "sequence")
         old: dict[int, torch.Tensor] = {}
@@ -254,17 +263,18 @@ class Trainer:
                     rows, every, temperature=temperature, precision=cfg.train.step.precision.ref_logprobs).items()}
         metrics: dict[str, float] = self._fp8_gap(rows, [i for mb in local for i in mb])
         with timer("train"):
-            for m, (mb_all, mb_local) in enumerate(zip(minibatches, local)):
+            for m, plan in enumerate(plans):
                 result, mb_metrics = self.policy.train_minibatch(
-                    rows, mb_all, mb_local, self.loss_config,
+                    rows, plan.rows, plan.local, self.loss_config,
                     temperature=temperature,
                     old_logp=old if m > 0 else None,
                     old_from_current=needs_old and m == 0,
                     ref_logp=ref or None,
                     constant_normalizer=cfg.algorithm.constant_normalizer,
+                    verl=plan.verl,
                 )
                 for k, v in mb_metrics.items():
-                    metrics[k] = metrics.get(k, 0.0) + v / len(minibatches)
+                    metrics[k] = metrics.get(k, 0.0) + v / len(plans)
                 metrics["train/skipped_minibatches"] = metrics.get("train/skipped_minibatches", 0.0) + float(
                     not result.updated)
         return metrics

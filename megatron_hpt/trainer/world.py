@@ -17,6 +17,7 @@ from megatron_hpt.rollout import create_rollout_engine
 from megatron_hpt.trainer.config import RunConfig
 from megatron_hpt.trainer.metrics_log import MetricsLogger, step_summary
 from megatron_hpt.trainer.progress import progress
+from megatron_hpt.trainer.rows import group_plan
 from megatron_hpt.training.checkpoint import read_trainer_extra
 
 
@@ -47,15 +48,21 @@ class OutsideWorld:
         self.engine = create_rollout_engine(_with_log_dir(cfg.rollout, log_dir), cfg.model.hf_path)
         self.logger = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.name)
         self.eval_runs: list[EvalRun] = []
+        self.group_plan = group_plan(cfg.algorithm.loss_config(), cfg.algorithm.rows, cfg.rollout.n)
+        self._step_indices: list[int] = []
 
     # ------------------------------------------------------------ rollouts
     def rollout_and_score(self, step: int, timer) -> tuple[list[list[Sample]], dict[str, float]]:
-        """n rollouts for each prompt of the step's batch, scored."""
+        """The group plan's rollouts for each prompt of the step's batch (and its demonstration when the
+        algorithm scores it with the verifier), scored."""
         cfg = self.cfg
-        prompts: list[Prompt] = [self.dataset[i] for i in self.sampler.next_batch()]
+        self._step_indices = self.sampler.next_batch()
+        prompts: list[Prompt] = [self.dataset[i] for i in self._step_indices]
+        plan = self.group_plan
         with timer("rollout"), progress(cfg.logging.progress, f"rollouts step {step + 1}", len(prompts)) as bar:
             completions = self.engine.generate(
-                [p.prompt_ids for p in prompts], cfg.rollout.n, cfg.rollout.sampling_params(), rollout_seed(cfg.seed, step)
+                [p.prompt_ids for p in prompts], plan.num_rollouts, cfg.rollout.sampling_params(),
+                rollout_seed(cfg.seed, step)
             )
             bar.update(len(prompts))
         samples = [
@@ -72,6 +79,12 @@ class OutsideWorld:
             ]
             for p, group in zip(prompts, completions)
         ]
+        if plan.score_demonstration:
+            for p, group in zip(prompts, samples):
+                if p.demonstration_ids is None:
+                    continue  # build_rows names the prompt
+                group.append(Sample(prompt=p, response_ids=list(p.demonstration_ids), response_text=p.demonstration,
+                                    source="demonstration", sample_index=len(group)))
         flat = [s for group in samples for s in group]
         with timer("reward"), progress(cfg.logging.progress, "rewards", len(flat)) as bar:
             results = self.rewards.score_batch(
@@ -80,7 +93,11 @@ class OutsideWorld:
             bar.update(len(flat))
         for s, r in zip(flat, results):
             s.reward, s.reward_reason = r.score, r.reason
-        return samples, rollout_metrics(flat)
+        return samples, rollout_metrics([s for s in flat if s.source == "rollout"])
+
+    def remove_prompts(self, groups: list[int]) -> None:
+        """Take these prompts of the last step (group indices) out of the sampling from the next epoch on."""
+        self.sampler.remove([self._step_indices[g] for g in groups])
 
     # ------------------------------------------------------------ evaluation
     def evaluate(self, step: int) -> dict[str, float]:

@@ -14,6 +14,7 @@ from typing import Literal, Sequence
 import torch
 
 from megatron_hpt.data.types import TrainRow
+from megatron_hpt.losses import LossNormalizers
 
 CostModel = Literal["padded", "packed"]
 """How a micro-batch's size is counted: rows x longest row (padding) or the sum of row
@@ -113,6 +114,9 @@ class MicroBatch:
     """[B, T] log-probs of the reference model."""
     rollout_logp: torch.Tensor | None = None
     """[B, T] log-probs reported by the rollout engine."""
+    term_normalizers: LossNormalizers | None = None
+    """Normalization ``verl``: the counts of the verl micro-batch these rows belong to, scaled by
+    1 / verl's ranks (``LossConfig.normalization``); None: the mini-batch's own."""
 
     @property
     def num_loss_tokens(self) -> int:

@@ -121,7 +121,7 @@ def train_forward_step(
                 off_policy=mb.off_policy,
                 row_weight=mb.row_weight,
             )
-            loss, metrics = unified_loss(loss_config, inputs, normalizers)
+            loss, metrics = unified_loss(loss_config, inputs, normalizers, mb.term_normalizers)
             reported = {k: v.detach().float() for k, v in metrics.items()}
             return loss * total_loss_tokens, num_tokens, reported
 

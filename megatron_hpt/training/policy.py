@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -26,6 +26,7 @@ from megatron_hpt.training.config import LogprobPrecision, TrainStepConfig
 from megatron_hpt.training.forward import NONFINITE_KEY, logprob_forward_step, run_schedule, train_forward_step
 from megatron_hpt.training.metrics import reduce_step_metrics
 from megatron_hpt.training.precision import fp8_autocast, validate_precision
+from megatron_hpt.training.verl_split import VerlShare
 
 
 def row_lengths(rows: Sequence[TrainRow]) -> list[int]:
@@ -58,6 +59,13 @@ def normalizers_for(rows: Sequence[TrainRow], indices: Sequence[int], constant: 
         num_off_policy_seqs=seqs(off),
         constant_normalizer=constant,
     )
+
+
+def verl_normalizers_for(
+    rows: Sequence[TrainRow], indices: Sequence[int], constant: float, num_ranks: int
+) -> LossNormalizers:
+    """Normalization ``verl``: the counts of one verl micro-batch, scaled by 1 / verl's ranks."""
+    return replace(normalizers_for(rows, indices, constant), scale=1.0 / num_ranks)
 
 
 @dataclass
@@ -285,15 +293,22 @@ class MegatronPolicy(_StageModel):
         old_from_current: bool = False,
         ref_logp: dict[int, torch.Tensor] | None = None,
         constant_normalizer: float = 8192.0,
+        verl: VerlShare | None = None,
     ) -> dict[str, float]:
         """Forward and backward of a mini-batch through megatron's schedule, leaving the
         finalized gradients (DP-reduced) in the DDP buffers. ``minibatch`` holds every row
         index of the mini-batch (for the global normalizers); ``local`` the ones this DP
         rank trains on. Log-prob dicts hold per-response-token tensors by row index
         (needed on the last stage only); ``old_from_current`` takes the old policy's
-        log-probs from this forward (valid while the weights are those of the rollout)."""
+        log-probs from this forward (valid while the weights are those of the rollout). ``verl``:
+        normalization ``verl``: the pieces of verl micro-batches this rank computes (their rows
+        are ``local``), each normalized by its whole verl micro-batch."""
         norms = normalizers_for(rows, minibatch, constant_normalizer)
-        microbatches = self._microbatches(rows, local, {"old_logp": old_logp or {}, "ref_logp": ref_logp or {}})
+        extra = {"old_logp": old_logp or {}, "ref_logp": ref_logp or {}}
+        if verl is None:
+            microbatches = self._microbatches(rows, local, extra)
+        else:
+            microbatches = self._verl_microbatches(rows, verl, extra, constant_normalizer)
         step = train_forward_step(
             loss_config=loss_config,
             normalizers=norms,
@@ -309,6 +324,18 @@ class MegatronPolicy(_StageModel):
         self.module.train()
         losses = run_schedule(self.ddp, microbatches, step, forward_only=False)
         return reduce_step_metrics(losses, self.st)
+
+    def _verl_microbatches(self, rows, verl: VerlShare, extra, constant_normalizer: float) -> list[MicroBatch]:
+        """This rank's pieces of verl micro-batches in micro-batches of this run's own budget, each
+        carrying its verl micro-batch's counts scaled by 1 / verl's ranks (the loss is linear in the
+        rows given them)."""
+        out = []
+        for mine, whole in verl.pieces:
+            counts = verl_normalizers_for(rows, whole, constant_normalizer, verl.num_ranks)
+            for mb in self._microbatches(rows, mine, extra):
+                mb.term_normalizers = counts
+                out.append(mb)
+        return out
 
     def _optimizer_step(self) -> StepResult:
         """megatron's optimizer step, with the update skipped when the grad norm is not

@@ -30,6 +30,19 @@ def test_paper_recipe_has_the_papers_hyperparameters():
     assert (cfg.eval.temperature, cfg.eval.top_p) == (0.6, 0.95)
     assert load_run_config("hpt-llama3.1-8b-8gpu").algorithm.switch.gate == 2
     assert load_run_config("hpt-qwen2.5-math-1.5b-8gpu").algorithm.loss_config().sft_weight == 0.3
+    # the official run's weighting: its split over its 8 GPUs (tests/unit/trainer/test_effective_weights.py)
+    assert (loss.normalization, cfg.algorithm.verl_num_ranks, cfg.minibatch_composition) == ("verl", 8, "sft_last")
+
+
+def test_minibatch_composition_and_verl_normalization_agree():
+    assert load_run_config("demo-cpu").minibatch_composition == "groups"
+    assert load_run_config("demo-cpu", ["train.minibatch_composition=sft_last"]).minibatch_composition == "sft_last"
+    with pytest.raises(ConfigError, match="minibatch_composition: groups conflicts with .*normalization: verl"):
+        load_run_config("hpt-qwen2.5-math-7b-8gpu", ["train.minibatch_composition=groups"])
+    with pytest.raises(ConfigError, match="verl_num_ranks must be >= 1"):
+        load_run_config("demo-cpu", ["algorithm.verl_num_ranks=0"])
+    with pytest.raises(ConfigError, match="gate_off and remove_sfted_data belong to the hard switch"):
+        load_run_config("demo-cpu", ["algorithm.switch={mode: soft, remove_sfted_data: true}"])
 
 
 @pytest.mark.parametrize(
