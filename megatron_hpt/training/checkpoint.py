@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_hpt.parallel import ParallelState
+from megatron_hpt.parallel import ParallelState, collective_device
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -69,7 +69,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def optimizer_has_state(optimizer) -> bool:
     """Whether the (chained) megatron optimizer has taken a step yet (on any rank)."""
     subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    flag = torch.tensor([int(any(len(sub.optimizer.state) > 0 for sub in subs if sub.optimizer is not None))])
+    flag = torch.tensor([int(any(len(sub.optimizer.state) > 0 for sub in subs if sub.optimizer is not None))],
+                        device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
