@@ -37,6 +37,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
 
 CHECK_ENV = "MEGATRON_HPT_CHECK_COLLECTIVE_DEVICES"
 """Set to 1 to install the check in every rank at ``init_parallel`` (the tests do)."""
@@ -138,15 +139,22 @@ def _wrap_collective(name: str, fn: Callable) -> Callable:
     return checked
 
 
-def _wrap_factory(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def factory(*args, **kwargs):
-        out = fn(*args, **kwargs)
-        if kwargs.get("device") is None and isinstance(out, torch.Tensor) and _caller_is_project(1):
+_FACTORY_FUNCS = frozenset(getattr(torch, name) for name in _FACTORIES)
+
+
+class HostTensorMarker(TorchFunctionMode):
+    """Marks the tensors the project's code creates with a factory and no ``device``. A mode
+    sees torch's own functions, so ``torch.*`` stays untouched (torch's ``with
+    torch.device(...)`` looks its constructors up by identity)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if (func in _FACTORY_FUNCS and kwargs.get("device") is None and isinstance(out, torch.Tensor)
+                and not (args and isinstance(args[0], torch.Tensor))  # keeps its source's device
+                and _caller_is_project(1)):
             setattr(out, _HOST_MARK, True)
         return out
-
-    return factory
 
 
 def install_collective_device_check() -> None:
@@ -156,17 +164,17 @@ def install_collective_device_check() -> None:
     if _installed is not None:
         return
     simulate = not torch.cuda.is_available()
-    originals: dict = {"collectives": {}, "factories": {}}
+    collectives = {}
     for name in TENSOR_COLLECTIVES:
         fn = getattr(dist, name, None)
         if fn is not None:
-            originals["collectives"][name] = fn
+            collectives[name] = fn
             setattr(dist, name, _wrap_collective(name, fn))
+    marker = None
     if simulate:
-        for name in _FACTORIES:
-            originals["factories"][name] = getattr(torch, name)
-            setattr(torch, name, _wrap_factory(getattr(torch, name)))
-    _installed = {"simulate": simulate, **originals}
+        marker = HostTensorMarker()
+        marker.__enter__()  # stays on the mode stack for the life of the process
+    _installed = {"simulate": simulate, "collectives": collectives, "marker": marker}
 
 
 def uninstall_collective_device_check() -> None:
@@ -176,8 +184,8 @@ def uninstall_collective_device_check() -> None:
         return
     for name, fn in _installed["collectives"].items():
         setattr(dist, name, fn)
-    for name, fn in _installed["factories"].items():
-        setattr(torch, name, fn)
+    if _installed["marker"] is not None:
+        _installed["marker"].__exit__(None, None, None)
     _installed = None
 
 

@@ -70,6 +70,8 @@ def test_device_tensors_and_computed_tensors_pass(checked):
         dist.all_reduce(derived)
         host_then_computed = torch.zeros(2) * 2  # arithmetic is not followed (the check may miss this)
         dist.broadcast(host_then_computed, src=0)
+        wrapped = torch.as_tensor(derived)  # the same tensor (on GPUs: on its device), not a host copy
+        dist.all_reduce(wrapped)
     """)
     assert out["flag"].tolist() == [3.0] and out["derived"].tolist() == [1.0, 1.0]
 
@@ -87,15 +89,27 @@ def test_megatron_and_the_cpu_layer_are_not_checked(checked):
 def test_install_is_idempotent_and_uninstall_restores_torch():
     was_installed = collectives.check_installed()
     collectives.uninstall_collective_device_check()
-    plain = (torch.tensor, torch.zeros, dist.all_reduce, dist.broadcast)
+    plain = (dist.all_reduce, dist.broadcast)
     try:
         collectives.install_collective_device_check()
         wrapped = dist.all_reduce
         collectives.install_collective_device_check()
-        assert dist.all_reduce is wrapped and wrapped.__wrapped_collective__ is plain[2]
+        assert dist.all_reduce is wrapped and wrapped.__wrapped_collective__ is plain[0]
+        assert torch.tensor is torch._C._VariableFunctions.tensor  # torch itself is never patched
         collectives.uninstall_collective_device_check()
-        assert (torch.tensor, torch.zeros, dist.all_reduce, dist.broadcast) == plain
+        assert (dist.all_reduce, dist.broadcast) == plain
         assert not collectives.simulating() and collective_device() == torch.device("cpu")  # gloo, unchecked
+        t = run_as("megatron_hpt.probe", "t = torch.zeros(1)")["t"]
+        assert not collectives.is_host_tensor(t)  # the marker is off the mode stack
     finally:
         if was_installed:
             collectives.install_collective_device_check()
+
+
+def test_torch_device_context_still_builds_on_meta(checked):
+    """torch's ``with torch.device("meta")`` finds its constructors by identity: a 7B-sized
+    layer built there under the check must not allocate."""
+    with torch.device("meta"):
+        layer = torch.nn.Linear(18944, 3584)
+        t = run_as("megatron_hpt.probe", "t = torch.empty(18944, 3584)")["t"]
+    assert layer.weight.device.type == "meta" and t.device.type == "meta"
