@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install launch-env slurm-local demo test test-slow test-all test-peer bench bench-quick bench-env clean sglang-cpu sglang-contract
+.PHONY: install launch-env mcore019-env slurm-local demo test test-mcore019 test-slow test-all test-peer bench bench-quick bench-env clean sglang-cpu sglang-contract
 
 $(STAMP): setup.py constraints/cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,30 @@ $(LAUNCH_STAMP): constraints/launch.txt
 
 launch-env: $(LAUNCH_STAMP)
 
+## megatron-core 0.19.2, the release GPU images carry (Python 3.12), in a second venv on
+## this Python 3.11 machine (constraints/mcore019.txt says how): torch first, then 0.19.2's
+## cp312 wheel unpacked into site-packages (its Python files; the one compiled file, for
+## megatron's own dataset builders, is removed), then the package with every other pin
+## from constraints/cpu.txt. ~2 min on a fresh machine.
+MCORE019_VENV ?= .venv-mcore019
+MCORE019_PY := $(MCORE019_VENV)/bin/python
+MCORE019_STAMP := $(MCORE019_VENV)/.installed
+$(MCORE019_STAMP): setup.py constraints/cpu.txt constraints/mcore019.txt
+	test -x $(MCORE019_PY) || $(PYTHON) -m venv $(MCORE019_VENV)
+	$(MCORE019_PY) -m pip install -q --upgrade pip
+	$(MCORE019_PY) -m pip install -q torch==2.13.0
+	site=$$($(MCORE019_PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	$(MCORE019_PY) -m pip install -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--upgrade --target "$$site" -r constraints/mcore019.txt && \
+	find "$$site/megatron" -name '*.so' -delete
+	(grep -v '^megatron-core==' constraints/cpu.txt; grep -o '^megatron-core==[^ ]*' constraints/mcore019.txt) \
+		> $(MCORE019_VENV)/constraints.txt
+	$(MCORE019_PY) -m pip install -q -c $(MCORE019_VENV)/constraints.txt -e '.[dev]'
+	$(MCORE019_PY) -c 'import importlib.metadata as m; v = m.version("megatron-core"); assert v == "0.19.2", v'
+	touch $(MCORE019_STAMP)
+
+mcore019-env: $(MCORE019_STAMP)
+
 ## SLURM + munge from Debian's packages, for the launcher tests (root, apt).
 slurm-local:
 	bash launchers/slurm/ci/setup_local_slurm.sh
@@ -43,9 +67,22 @@ slurm-local:
 demo: $(STAMP)
 	$(VENV)/bin/megatron-hpt demo
 
-## The test suite CI runs (everything but tests marked slow or peer).
-test: $(STAMP) $(LAUNCH_STAMP) slurm-local
+## The test suite CI runs (everything but tests marked slow or peer), then the tests that
+## touch megatron-core again against 0.19.2.
+test: $(STAMP) $(LAUNCH_STAMP) $(MCORE019_STAMP) slurm-local
 	$(PY) -m pytest -m "not slow and not peer" $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-mcore019
+
+## What runs on both megatron-core releases: the CPU layer and its shims, the model, its
+## checkpoints and conversion, log-probs and precision, the paper recipes' start-up, the
+## loop's old log-probs, the multi-rank tests (TP, PP, DP, the training step, collectives)
+## and the GPU validation's CPU path (~6 min on 2 cores).
+MCORE019_TESTS := tests/unit/compat tests/unit/parallel tests/unit/models tests/unit/training \
+	tests/unit/checkpoints_tools/test_conversion.py tests/unit/trainer/test_recipe_startup.py \
+	tests/unit/trainer/test_old_logprobs_microbatches.py tests/unit/benchmarks/test_gpu_validation.py \
+	tests/multiproc
+test-mcore019: $(MCORE019_STAMP)
+	$(MCORE019_PY) -m pytest -m "not slow and not peer" $(PYTEST_ARGS) $(MCORE019_TESTS)
 
 ## Tests too slow for CI.
 test-slow: $(STAMP)
@@ -110,4 +147,4 @@ sglang-contract: $(STAMP)
 	$(PY) -m megatron_hpt.rollout.sglang_cpu.contract
 
 clean:
-	rm -rf $(VENV) $(LAUNCH_VENV) $(SGLANG_VENV) $(BENCH_VENV) runs .pytest_cache .cache
+	rm -rf $(VENV) $(LAUNCH_VENV) $(SGLANG_VENV) $(BENCH_VENV) $(MCORE019_VENV) runs .pytest_cache .cache

@@ -16,3 +16,9 @@ _warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not in
 _warnings.filterwarnings("ignore", message=r".*Apex is not installed.*")
 _warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
 _warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+
+# megatron-core 0.17+ imports triton and CUDA streams at import time; on machines without
+# them (CPU CI, the demo) a hook serves stand-ins. Installed before anything imports megatron.
+from megatron_hpt.compat.imports import install_import_shims as _install_import_shims  # noqa: E402
+
+_install_import_shims()

@@ -1,12 +1,20 @@
 """Shared session fixtures: the tiny HF checkpoints every stage's tests use, and
 their converted dist checkpoints (created once per session and reused by unit
-and multi-rank tests)."""
+and multi-rank tests); the collective-device check switched on for every rank."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+from megatron_hpt.parallel.collectives import CHECK_ENV
+
+# Every rank started by the tests (multi-rank tests, trainer runs, in-process ranks) checks
+# that the tensors it hands to collectives are on the group's device, simulating NCCL on
+# this CPU machine (megatron_hpt/parallel/collectives.py).
+os.environ.setdefault(CHECK_ENV, "1")
 
 LLAMA3_ROPE_SCALING = {
     "rope_type": "llama3",

@@ -3,7 +3,11 @@
     python benchmarks/gpu/gpu_validation.py [--shape qwen2.5-1.5b,qwen2.5-7b] [--out DIR] [--quick]
     bash benchmarks/gpu/run_on_device.sh      # the command sequence for the lent GPU machine
 
-Four parts, each isolated (a part that fails is recorded with its error; the others run):
+Parts, each isolated (a part that fails is recorded with its error; the others run):
+
+0. ``smoke`` (``--parts smoke --shape tiny``, seconds; run first on a new GPU machine): the layer spec
+   (TE's wherever TE and CUDA are), the weight names of that spec both ways (HF weights loaded and
+   read back bitwise), the step-0 ratio in consistent FP8.
 
 a. ``train``: our HPT training step (``MegatronPolicy.train_minibatch``: megatron-core GPTModel,
    the schedule, Megatron DDP and optimizer with fp32 main weights, chunked vocab-parallel
@@ -131,7 +135,9 @@ SHAPES = {
         Shape("qwen2.5-7b", "Qwen2ForCausalLM", 3584, 28, 28, 4, 18944, 152064, False, 1e6, 1e-6, 32768, False, 4096, 0, 4),
     )
 }
-PARTS = ("train", "step0", "logprobs", "sync")
+PARTS = ("smoke", "train", "step0", "logprobs", "sync")
+DEFAULT_PARTS = ("train", "step0", "logprobs", "sync")
+"""``smoke`` is the first thing to run on a new GPU machine, at the tiny shape (a few seconds)."""
 
 
 # --------------------------------------------------------------------------- device and weights
@@ -359,15 +365,9 @@ class OursTrainSide:
         # Every timed step must do its update: no skipping on the random model's grad norm
         # (clipping to 1.0 still runs).
         opt = OptimizerSettings(lr=LR, skip_grad_norm_above=1e12)
-        self.layout_note = ""
-        try:
-            # THD packing where our code supports it with TE ("auto"), padding otherwise
-            step_cfg = TrainStepConfig(optimizer=opt, max_tokens_per_microbatch=max_tokens, packing="auto")
-            self.policy = MegatronPolicy(weights.hf, model_cfg, step_cfg, st, total_optimizer_steps=1000)
-        except NotImplementedError as err:
-            self.layout_note = f"packing=auto refused ({err}); padded"
-            step_cfg = TrainStepConfig(optimizer=opt, max_tokens_per_microbatch=max_tokens, packing="padded")
-            self.policy = MegatronPolicy(weights.hf, model_cfg, step_cfg, st, total_optimizer_steps=1000)
+        # the recipes' default layout (``policy.cost_model`` says which one "auto" chose)
+        step_cfg = TrainStepConfig(optimizer=opt, max_tokens_per_microbatch=max_tokens, packing="auto")
+        self.policy = MegatronPolicy(weights.hf, model_cfg, step_cfg, st, total_optimizer_steps=1000)
         load_megatron_weights(self.policy.module, weights)
         self.loss_cfg = get_preset("hpt")
         assert self.loss_cfg.entropy_coef == ENTROPY_COEF
@@ -494,7 +494,7 @@ def _run_phase(make_side: Callable, workloads: dict, steps: int, sizes: list, lo
             ref = weakref.ref(side)
             build_s = time.perf_counter() - t
             out = {"build_s": build_s, "micro": sizes[0], "layout": getattr(side, "layout", "padded"),
-                   "layout_note": getattr(side, "layout_note", ""), "allocated_before_gib": before, "workloads": {}}
+                   "allocated_before_gib": before, "workloads": {}}
             for name, rows in workloads.items():
                 _sync()
                 t = time.perf_counter()
@@ -556,7 +556,7 @@ def part_train(shape: Shape, weights: Weights, quick: bool, peak: dict, log=prin
     figures = {"shape": shape.name, "parameters": n_params, "dtype": precision, "weights": weights.source,
                "rounds": rounds, "steps_per_phase": steps, "phase_order": "ours, hf" if rounds == 1 else "ours, hf, hf, ours",
                "matmul_peak_flops": peak["peak_flops"], "oom_fallbacks": notes,
-               "ours_layout": phases["ours"][0]["layout"], "ours_layout_note": phases["ours"][0]["layout_note"],
+               "ours_layout": phases["ours"][0]["layout"],
                "ours_max_tokens_per_microbatch": phases["ours"][0]["micro"],
                "hf_rows_per_microbatch": phases["hf"][0]["micro"],
                "build_s": {k: [p["build_s"] for p in v] for k, v in phases.items()},
@@ -845,6 +845,42 @@ def part_sync(shape: Shape, weights: Weights, quick: bool, log=print) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- 0. smoke
+def part_smoke(shape: Shape, weights: Weights, quick: bool, log=print) -> dict:
+    """What must work before anything is worth measuring, at a small shape: the layer spec
+    (Transformer Engine's wherever TE and CUDA are), the weight names of that spec in both
+    directions (HF weights loaded, read back by the HF export path, bitwise), and the step-0
+    ratio in consistent FP8 (exactly 1; "not run" where FP8 cannot run)."""
+    from megatron_hpt.models.builder import te_available
+    from megatron_hpt.training.hf_weights import full_layout_stage_to_hf, gather_stage_full_layout
+
+    model = _frozen(weights, compute_precision(), 2 * shape.seq_tokens)
+    try:
+        qkv = type(model.module.decoder.layers[0].self_attention.linear_qkv)
+        spec = {"te_available": te_available(), "linear_qkv": f"{qkv.__module__}.{qkv.__name__}"}
+        spec["te_spec"] = ".transformer_engine" in spec["linear_qkv"]
+        back = full_layout_stage_to_hf(gather_stage_full_layout(model.module, parallel_state()), weights.hf)
+    finally:
+        del model
+        _free()
+    tied = getattr(weights.hf, "tie_word_embeddings", False)
+    expected = {k for k in weights.state if not (tied and k == "lm_head.weight")}
+    mismatched = sorted(k for k in set(back) & expected if not torch.equal(back[k], weights.state[k].to(back[k].dtype)))
+    names = {"tensors": len(back), "missing": sorted(expected - set(back))[:5], "extra": sorted(set(back) - expected)[:5],
+             "mismatched": mismatched[:5]}
+    names["exact"] = not (names["missing"] or names["extra"] or mismatched)
+    fp8 = step0_check(weights, shape, "fp8", log)
+    fp8_ok = fp8.get("exactly_one", False) if spec["te_available"] else fp8["status"] == "not run"
+    out = {"shape": shape.name, "layer_spec": spec, "weights": names, "fp8_step0": fp8,
+           "ok": spec["te_spec"] == spec["te_available"] and names["exact"] and fp8_ok}
+    log(f"   smoke {shape.name}: linear_qkv {spec['linear_qkv']}, weights exact {names['exact']}, "
+        f"fp8 step-0 {fp8.get('exactly_one', fp8['status'])}: {'ok' if out['ok'] else 'FAILED'}")
+    return out
+
+
+PART_FUNCS = {"smoke": part_smoke, "step0": part_step0, "logprobs": part_logprobs, "sync": part_sync}
+
+
 # --------------------------------------------------------------------------- the run
 def environment() -> dict:
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "device": device_name(),
@@ -872,7 +908,7 @@ def default_shapes() -> list[str]:
     return ["qwen2.5-1.5b", "qwen2.5-7b"] if torch.cuda.is_available() else ["tiny"]
 
 
-def run(quick: bool = False, shapes: list[str] | None = None, parts: tuple[str, ...] = PARTS,
+def run(quick: bool = False, shapes: list[str] | None = None, parts: tuple[str, ...] = DEFAULT_PARTS,
         out_dir: str | Path | None = None, budget_s: float | None = None, log: Callable[[str], None] = print) -> dict:
     """Every part at every shape it applies to (train and step0 at shapes that fit a training
     step); figures by part and shape. ``out_dir``: write the results files after every part.
@@ -888,9 +924,12 @@ def run(quick: bool = False, shapes: list[str] | None = None, parts: tuple[str, 
     results: dict = {"date": dt.date.today().isoformat(), "device": device_name(), "quick": quick,
                      "environment": environment(), "sglang": SGLANG_NOTE, "goals": GOALS, "parts": {}}
     log(f"device {results['device']}; shapes {shapes}; parts {list(parts)}")
+    if out_dir is not None:
+        write_results(results, out_dir)  # the environment, even if the first part never ends
     try:
-        results["matmul_peak"] = matmul_peak(quick)
-        log(f"matmul peak ({results['matmul_peak']['dtype']}): {results['matmul_peak']['peak_flops'] / 1e12:.1f} TFLOP/s")
+        if "train" in parts:  # MFU's denominator
+            results["matmul_peak"] = matmul_peak(quick)
+            log(f"matmul peak ({results['matmul_peak']['dtype']}): {results['matmul_peak']['peak_flops'] / 1e12:.1f} TFLOP/s")
         for name in shapes:
             shape = SHAPES[name]
             # a 7B training step does not fit one GPU; its export is the 1.5B one's, 5x larger
@@ -911,12 +950,8 @@ def run(quick: bool = False, shapes: list[str] | None = None, parts: tuple[str, 
                         weights = make_weights(shape, compute_precision())
                     if part == "train":
                         entry["figures"] = part_train(shape, weights, quick, results["matmul_peak"], log)
-                    elif part == "step0":
-                        entry["figures"] = part_step0(shape, weights, quick, log)
-                    elif part == "logprobs":
-                        entry["figures"] = part_logprobs(shape, weights, quick, log)
                     else:
-                        entry["figures"] = part_sync(shape, weights, quick, log)
+                        entry["figures"] = PART_FUNCS[part](shape, weights, quick, log)
                 except Exception as err:  # one failing part must not lose the others' figures
                     entry["error"] = f"{type(err).__name__}: {err}"[:2000]
                     entry["traceback"] = traceback.format_exc()[-4000:]
@@ -958,8 +993,7 @@ def _md_train(f: dict, goals: list) -> list[str]:
     lines = [f"{f['parameters'] / 1e9:.3f}B parameters ({f['weights']}), {f['dtype']}; matmul peak "
              f"{f['matmul_peak_flops'] / 1e12:.1f} TFLOP/s (measured in this run). Ours: {f['ours_layout']} micro-batches "
              f"by dynamic batching, budget {f['ours_max_tokens_per_microbatch']} positions"
-             + (f" ({f['ours_layout_note']})" if f["ours_layout_note"] else "")
-             + f"; plain HF: {f['hf_rows_per_microbatch']} rows per padded micro-batch. {f['rounds']} round(s) of "
+             f"; plain HF: {f['hf_rows_per_microbatch']} rows per padded micro-batch. {f['rounds']} round(s) of "
              f"alternating phases, {f['steps_per_phase']} timed steps per phase after a warm-up step.", "",
              "| workload | side | tokens/step | micro-batches | padding eff. | s/step median (best) | tokens/s | MFU 6N |",
              "|---|---|---|---|---|---|---|---|"]
@@ -1023,8 +1057,20 @@ def _md_sync(f: dict, goals: list) -> list[str]:
             f"{f['to_device_s']:.2f} s; total **{f['total_s_per_gb']:.2f} s/GB**; round trip exact."]
 
 
-FORMAT = {"train": _md_train, "step0": _md_step0, "logprobs": _md_logprobs, "sync": _md_sync}
-TITLES = {"train": "a. HPT training step vs plain HF step", "step0": "b. Step-0 ratio check",
+def _md_smoke(f: dict, goals: list) -> list[str]:
+    spec, w, fp8 = f["layer_spec"], f["weights"], f["fp8_step0"]
+    fp8_text = (f"{'ratio exactly 1' if fp8['exactly_one'] else 'RATIO NOT 1'} ({fp8['rows_bitwise_equal']}/{fp8['rows']} rows "
+                f"bitwise equal, max |dlogp| {fp8['max_abs_dlogp']:.3g})" if fp8.get("status") == "ran"
+                else f"{fp8.get('status')}: {fp8.get('reason') or fp8.get('error', '')}")
+    return [f"**{'OK' if f['ok'] else 'FAILED'}**", "",
+            f"- layer spec: `{spec['linear_qkv']}` (TE spec: {spec['te_spec']}; TE and CUDA present: {spec['te_available']})",
+            f"- weight names both ways: {w['tensors']} tensors, " + ("bitwise exact" if w["exact"] else
+            f"missing {w['missing']}, extra {w['extra']}, differing {w['mismatched']}"),
+            f"- step-0 ratio in consistent FP8: {fp8_text}"]
+
+
+FORMAT = {"smoke": _md_smoke, "train": _md_train, "step0": _md_step0, "logprobs": _md_logprobs, "sync": _md_sync}
+TITLES = {"smoke": "0. Smoke: layer spec, weight names, FP8 step 0", "train": "a. HPT training step vs plain HF step", "step0": "b. Step-0 ratio check",
           "logprobs": "c. FP8 vs BF16 log-prob forwards", "sync": "d. Weight sync through disk"}
 
 
@@ -1036,12 +1082,15 @@ def render_markdown(results: dict) -> str:
         part, shape = key.split("/")
         body += ["", f"## {TITLES[part]} — {shape} ({entry.get('seconds', 0)} s)", ""]
         body += FORMAT[part](entry["figures"], goals) if "figures" in entry else _fmt_err(entry)
-    peak = results.get("matmul_peak", {})
+    peak = results.get("matmul_peak")
+    keys = list(results["parts"])
+    shapes = ",".join(dict.fromkeys(k.split("/")[1] for k in keys))
+    parts = ",".join(dict.fromkeys(k.split("/")[0] for k in keys))
     head = [f"# GPU validation, {results['date']}, {results['device']}{' (quick)' if results['quick'] else ''}", "",
-            f"Regenerate: `python benchmarks/gpu/gpu_validation.py --shape {','.join(sorted({k.split('/')[1] for k in results['parts']}))}` "
+            f"Regenerate: `python benchmarks/gpu/gpu_validation.py --shape {shapes} --parts {parts}` "
             "(on the lent GPU machine: `bash benchmarks/gpu/run_on_device.sh`).", "",
             f"Environment: {json.dumps(env)}", "",
-            f"Matmul peak: {peak.get('peak_flops', 0) / 1e12:.1f} TFLOP/s ({peak.get('dtype')}).", "",
+            (f"Matmul peak: {peak['peak_flops'] / 1e12:.1f} TFLOP/s ({peak['dtype']})." if peak else "Matmul peak: not measured (no training part)."), "",
             f"SGLang: {results['sglang']}", "", f"Elapsed: {results.get('elapsed_s')} s.", "", "## Goals", "",
             "| goal | measured | target | verdict |", "|---|---|---|---|"]
     if not torch.cuda.is_available():
@@ -1069,7 +1118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default=None,
                         help=f"comma-separated, from {', '.join(SHAPES)} (default: qwen2.5-1.5b,qwen2.5-7b on a GPU, tiny on a CPU)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder of the results files")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps")
     parser.add_argument("--budget-s", type=float, default=None, help="skip parts that would start after this many seconds")

@@ -34,6 +34,39 @@ def _patch_device_queries() -> None:
 
 
 # --------------------------------------------------------------------------- #
+# 1b. Streams: megatron-core 0.19's DDP grad sync asks `torch.cuda.current_stream()`
+#     for the compute stream and waits on it. On CPU work is synchronous: a stream
+#     whose every operation is a no-op.
+# --------------------------------------------------------------------------- #
+class NoOpStream:
+    """What ``torch.cuda.current_stream()`` returns without CUDA."""
+
+    device = torch.device("cpu")
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait_stream(self, stream) -> None:
+        return None
+
+    def wait_event(self, event) -> None:
+        return None
+
+    def record_event(self, event=None):
+        return event
+
+    def query(self) -> bool:
+        return True
+
+
+NO_OP_STREAM = NoOpStream()
+
+
+def _patch_current_stream() -> None:
+    torch.cuda.current_stream = lambda device=None: NO_OP_STREAM
+
+
+# --------------------------------------------------------------------------- #
 # 2. Tensors created on "cuda": schedules (`total_num_tokens`), p2p shapes,
 #    DDP buffers and the local multi-tensor ops pass `device="cuda"` or
 #    `device=torch.cuda.current_device()`. A global TorchFunctionMode maps any
@@ -257,6 +290,7 @@ def _patch_distributed_optimizer() -> None:
 
 PATCHES: dict[str, Callable[[], None]] = {
     "device_queries": _patch_device_queries,
+    "current_stream": _patch_current_stream,
     "cuda_to_cpu_tensors": _enter_cuda_to_cpu_mode,
     "rng_tracker": _patch_rng_tracker,
     "global_memory_buffer": _patch_global_memory_buffer,

@@ -299,11 +299,12 @@ def build_gpt_model(
 def mark_tensor_parallel_params(model) -> None:
     """Set megatron's TP attributes on split weights.
 
-    megatron sets ``tensor_model_parallel`` / ``partition_dim`` only inside its
-    weight initializers, which are skipped with ``perform_initialization=False``
-    (weights come from checkpoints). Without them, grad-norm clipping and the
-    distributed optimizer treat split weights as TP duplicates and count only
-    TP rank 0's shard.
+    megatron-core up to 0.16 sets ``tensor_model_parallel`` / ``partition_dim`` only inside
+    its weight initializers, which are skipped with ``perform_initialization=False``
+    (weights come from checkpoints); 0.17+ sets them in the layers either way. Without them,
+    grad-norm clipping and the distributed optimizer treat split weights as TP duplicates
+    and count only TP rank 0's shard. Attributes megatron already set are kept when they
+    agree; a disagreement is an error (the weight map and megatron would split differently).
     """
     from megatron.core import tensor_parallel as mtp
 
@@ -312,11 +313,21 @@ def mark_tensor_parallel_params(model) -> None:
         mtp.RowParallelLinear: 1,
         mtp.VocabParallelEmbedding: 0,
     }
-    for module in model.modules():
+    for name, module in model.named_modules():
         for cls, dim in split_dim.items():
             weight = getattr(module, "weight", None)
-            if isinstance(module, cls) and weight is not None:
-                mtp.set_tensor_model_parallel_attributes(weight, True, dim, 1)
+            if not isinstance(module, cls) or weight is None:
+                continue
+            if getattr(weight, "tensor_model_parallel", False):
+                if weight.partition_dim != dim:
+                    raise AssertionError(
+                        f"{name}.weight: megatron marks it split along dim {weight.partition_dim}, "
+                        f"expected {dim} for {cls.__name__}"
+                    )
+                continue
+            weight.tensor_model_parallel = True
+            weight.partition_dim = dim
+            weight.partition_stride = 1
 
 
 def arch_spec(hf) -> ArchSpec:

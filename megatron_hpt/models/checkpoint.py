@@ -375,19 +375,35 @@ def _start_checkpoint_writer_shielded() -> None:
     signal mask is inherited through fork and exec, so the helper never sees
     them; this process unblocks them afterwards and gets any that arrived meanwhile.
     """
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-    except ImportError:  # a megatron-core without the multiprocess writer
-        return
-    if getattr(filesystem_async, "_results_queue", None) is not None or not hasattr(
-        filesystem_async, "_get_write_results_queue"
-    ):
-        return
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is not None:
+        return  # started (shielded) by an earlier save
+    start_writer = write_results_queue_factory(filesystem_async)
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SHIELDED_SIGNALS)
     try:
-        filesystem_async._get_write_results_queue()
+        start_writer()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+_WRITE_RESULTS_QUEUE_NAMES = ("get_write_results_queue", "_get_write_results_queue")
+"""megatron-core 0.17+ name first, then the 0.16 one."""
+
+
+def write_results_queue_factory(filesystem_async):
+    """megatron's function that starts the checkpoint-writer helper (renamed in 0.17).
+    Neither name present is an error: saving on without the shield would lose the
+    pre-emption checkpoint to the first SIGTERM."""
+    for name in _WRITE_RESULTS_QUEUE_NAMES:
+        start = getattr(filesystem_async, name, None)
+        if start is not None:
+            return start
+    raise RuntimeError(
+        f"{filesystem_async.__name__} has neither of {' / '.join(_WRITE_RESULTS_QUEUE_NAMES)}: this "
+        "megatron-core starts its checkpoint writer differently, and it could not be shielded from "
+        "SIGTERM (a pre-emption checkpoint would fail). Supported: megatron-core 0.16.1 to 0.19.x."
+    )
 
 
 def save_model_checkpoint(

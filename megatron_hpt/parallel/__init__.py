@@ -4,6 +4,7 @@ The only package that reads megatron's global ``parallel_state``; everything
 else receives sizes, ranks and groups from here.
 """
 
+from megatron_hpt.parallel.collectives import collective_device
 from megatron_hpt.parallel.config import ParallelConfig
 from megatron_hpt.parallel.state import (
     ParallelState,
@@ -12,4 +13,4 @@ from megatron_hpt.parallel.state import (
     parallel_state,
 )
 
-__all__ = ["ParallelConfig", "ParallelState", "destroy_parallel", "init_parallel", "parallel_state"]
+__all__ = ["collective_device", "ParallelConfig", "ParallelState", "destroy_parallel", "init_parallel", "parallel_state"]

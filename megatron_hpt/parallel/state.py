@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_hpt.compat import apply_cpu_compat
+from megatron_hpt.parallel.collectives import check_requested, install_collective_device_check
 from megatron_hpt.parallel.config import ParallelConfig
 
 
@@ -56,6 +57,8 @@ def init_parallel(config: ParallelConfig) -> ParallelState:
 
     cuda = torch.cuda.is_available()
     apply_cpu_compat()
+    if check_requested():
+        install_collective_device_check()
     backend = config.backend if config.backend != "auto" else ("nccl" if cuda else "gloo")
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from megatron_hpt.config import dump_yaml
 from megatron_hpt.data.types import TrainBatch
-from megatron_hpt.parallel import ParallelState, destroy_parallel, init_parallel
+from megatron_hpt.parallel import ParallelState, collective_device, destroy_parallel, init_parallel
 from megatron_hpt.trainer.config import RunConfig
 from megatron_hpt.trainer.rows import build_rows, group_plan, row_policy_for
 from megatron_hpt.trainer.run_dir import read_run_id
@@ -68,9 +68,10 @@ class StopRequested:
 
     def agreed(self) -> bool:
         """True on every rank if any rank got a signal."""
-        flag = torch.tensor([1 if self.signum is not None else 0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.signum is not None
+        flag = torch.tensor([1 if self.signum is not None else 0], device=collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
 
@@ -253,10 +254,14 @@ class Trainer:
             # The first mini-batch trains on the current weights, so its old log-probs are the
             # step's own (ratio exactly 1, no extra forward); later ones need a forward pass now.
             # (With several epochs the first mini-batch's rows come round again, so they are here too.)
-            later = sorted({i for mb in local[1:] for i in mb if rows[i].kind == "rl"}) if needs_old else []
-            if later:
-                old = {i: v[0] for i, v in self.policy.forward_logprobs(
-                    rows, later, temperature=temperature, precision=cfg.train.step.precision.old_logprobs).items()}
+            # Each runs over its mini-batch's rows exactly as the training step will (the same
+            # micro-batches): with FP8 current scaling a row's log-probs depend on the other rows
+            # of its micro-batch, padding included.
+            for mb in dict.fromkeys(tuple(mb) for mb in local[1:]) if needs_old else ():
+                if any(rows[i].kind == "rl" for i in mb):
+                    got = self.policy.forward_logprobs(rows, list(mb), temperature=temperature,
+                                                       precision=cfg.train.step.precision.old_logprobs)
+                    old.update({i: v[0] for i, v in got.items() if rows[i].kind == "rl"})
             if self.reference is not None:
                 every = [i for mb in local for i in mb]
                 ref = {i: v[0] for i, v in self.reference.forward_logprobs(

@@ -45,7 +45,7 @@ from megatron_hpt.models.checkpoint import (
     fsync_path,
     naming_write_errors,
 )
-from megatron_hpt.parallel import ParallelState
+from megatron_hpt.parallel import ParallelState, collective_device
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
@@ -134,7 +134,8 @@ def load_side_file(path: str | Path) -> Any:
 def optimizer_has_state(optimizer) -> bool:
     """Whether the (chained) megatron optimizer has taken a step yet (on any rank)."""
     subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    flag = torch.tensor([int(any(len(sub.optimizer.state) > 0 for sub in subs if sub.optimizer is not None))])
+    flag = torch.tensor([int(any(len(sub.optimizer.state) > 0 for sub in subs if sub.optimizer is not None))],
+                        device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())

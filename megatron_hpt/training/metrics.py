@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_hpt.losses import MAX_METRICS
-from megatron_hpt.parallel import ParallelState
+from megatron_hpt.parallel import ParallelState, collective_device
 
 
 def reduce_step_metrics(losses: list[dict[str, torch.Tensor]], st: ParallelState) -> dict[str, float]:
@@ -30,8 +30,10 @@ def reduce_step_metrics(losses: list[dict[str, torch.Tensor]], st: ParallelState
         gathered: list = [None] * st.dp_size
         dist.all_gather_object(gathered, sorted(values), group=st.dp_group)
         keys = sorted(set().union(*gathered))
-        sums = torch.tensor([values.get(k, 0.0) for k in keys if k not in MAX_METRICS], dtype=torch.float64)
-        maxes = torch.tensor([values.get(k, float("-inf")) for k in keys if k in MAX_METRICS], dtype=torch.float64)
+        device = collective_device(st.dp_group)
+        sums = torch.tensor([values.get(k, 0.0) for k in keys if k not in MAX_METRICS], dtype=torch.float64, device=device)
+        maxes = torch.tensor([values.get(k, float("-inf")) for k in keys if k in MAX_METRICS], dtype=torch.float64,
+                             device=device)
         dist.all_reduce(sums, group=st.dp_group)
         if maxes.numel():
             dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=st.dp_group)

@@ -9,6 +9,7 @@ with the same recipe. The reference model (KL) may run FP8 on its own.
 
 from __future__ import annotations
 
+import importlib
 from contextlib import contextmanager
 
 from megatron_hpt.config import ConfigError
@@ -50,23 +51,56 @@ def validate_precision(model_cfg: ModelConfig, precision: PrecisionConfig) -> No
             f"model.fp8_recipe={model_cfg.fp8_recipe}: old-policy log-probs must use the training "
             "forward's FP8 recipe, or the ratio mixes two FP8 numerics."
         )
-    if (old_fp8 or precision.ref_logprobs == "fp8" or train_fp8) and not _fp8_supported():
+    if old_fp8 and precision.fp8_recipe == "delayed":
         raise PrecisionConfigError(
-            "FP8 needs Transformer Engine and an FP8-capable GPU (sm89+; blockwise sm90+): "
-            "install the gpu extra on such a machine, or use bf16/model precision."
+            "train.step.precision.fp8_recipe=delayed for old-policy log-probs: delayed scaling "
+            "updates its amax history with every forward, so the training forward would not "
+            "reproduce the old log-probs of the same weights (the ratio would not start at 1). "
+            "Use tensorwise (current scaling) or blockwise, for model.fp8_recipe too."
         )
+    recipes = {model_cfg.fp8_recipe} if train_fp8 else set()
+    if old_fp8 or precision.ref_logprobs == "fp8":
+        recipes.add(precision.fp8_recipe)
+    for recipe in sorted(recipes):
+        ok, reason = fp8_support(recipe)
+        if not ok:
+            raise PrecisionConfigError(
+                f"FP8 ({recipe}) cannot run here: {reason}. It needs Transformer Engine and an "
+                "FP8-capable GPU (sm89+; blockwise sm90+, mxfp8 sm100+): install the gpu extra on "
+                "such a machine, or use bf16/model precision."
+            )
 
 
-def _fp8_supported() -> bool:
+# recipe name -> (TE 2.x function in transformer_engine.pytorch, the older fp8-module function)
+_TE_SUPPORT_CHECKS = {
+    "tensorwise": ("is_fp8_available", "check_fp8_support"),
+    "delayed": ("is_fp8_available", "check_fp8_support"),
+    "blockwise": ("is_fp8_block_scaling_available", "check_fp8_block_scaling_support"),
+    "mxfp8": ("is_mxfp8_available", "check_mxfp8_support"),
+}
+
+
+def fp8_support(recipe: str = "tensorwise") -> tuple[bool, str]:
+    """(available, why not) for an FP8 recipe, as Transformer Engine reports it.
+
+    Asks ``te.is_fp8_available(return_reason=True)`` (and its block-scaling / MXFP8
+    siblings); TE releases without it answer through ``transformer_engine.pytorch.fp8``,
+    imported explicitly (TE 2.20 no longer imports that module by itself). Nothing is
+    swallowed: a TE that answers neither way, or whose check fails, raises.
+    """
     try:
         import transformer_engine.pytorch as te
-    except ImportError:
-        return False
-    try:
-        ok = te.fp8.check_fp8_support()
-        return bool(ok[0] if isinstance(ok, tuple) else ok)
-    except Exception:
-        return False
+    except ImportError as err:
+        return False, f"Transformer Engine is not importable ({err})"
+    current, legacy = _TE_SUPPORT_CHECKS[recipe]
+    check = getattr(te, current, None)
+    if check is not None:
+        answer = check(return_reason=True)
+    else:
+        fp8_module = importlib.import_module("transformer_engine.pytorch.fp8")
+        answer = getattr(fp8_module, legacy)()
+    ok, reason = answer
+    return bool(ok), reason or ""
 
 
 def te_recipe(name: str):

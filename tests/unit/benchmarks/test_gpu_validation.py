@@ -24,7 +24,8 @@ def tiny_run(tmp_path_factory):
     compatibility layer, which must not leak into this test process)."""
     out = tmp_path_factory.mktemp("gpu_validation")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "benchmarks/gpu/gpu_validation.py", "--shape", "tiny", "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "benchmarks/gpu/gpu_validation.py", "--shape", "tiny", "--quick", "--out", str(out),
+                           "--parts", ",".join(gv.PARTS)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (js,) = out.glob("*-gpu-quick.json")
@@ -41,9 +42,26 @@ def test_every_part_ran_and_files_are_named_by_date_and_device(tiny_run):
     results, md, name = tiny_run
     assert name == f"{results['date']}-{results['device']}-gpu-quick.json"
     assert results["device"].startswith("cpu-")
-    assert sorted(results["parts"]) == ["logprobs/tiny", "step0/tiny", "sync/tiny", "train/tiny"]
+    assert list(results["parts"]) == ["smoke/tiny", "train/tiny", "step0/tiny", "logprobs/tiny", "sync/tiny"]
+    assert f"--shape tiny --parts {','.join(gv.PARTS)}" in md
     assert "cannot be installed" in results["sglang"] and "SGLang" in md
     assert results["matmul_peak"]["dtype"] == "fp32" and results["matmul_peak"]["peak_flops"] > 0
+
+
+def test_smoke_checks_the_layer_spec_weight_names_and_fp8_step0(tiny_run):
+    results, md, _ = tiny_run
+    f = _figures(results, "smoke/tiny")
+    # no TE here: the local spec, and it is what TE's absence calls for
+    assert f["layer_spec"]["te_available"] is False and f["layer_spec"]["te_spec"] is False
+    assert f["layer_spec"]["linear_qkv"].endswith("ColumnParallelLinear")
+    # every HF tensor back bitwise, tied head excluded (the tiny shape ties nothing)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        names = set(AutoModelForCausalLM.from_config(gv.SHAPES["tiny"].hf_config()).state_dict())
+    assert f["weights"] == {"tensors": len(names), "missing": [], "extra": [], "mismatched": [], "exact": True}
+    assert f["fp8_step0"]["status"] == "not run" and "Transformer Engine" in f["fp8_step0"]["reason"]
+    assert f["ok"] is True and "## 0. Smoke" in md and "**OK**" in md
 
 
 def test_step0_ratio_is_exactly_one_in_fp32_and_fp8_needs_te(tiny_run):
@@ -158,7 +176,7 @@ def test_failing_part_is_recorded_and_others_run(tmp_path, monkeypatch):
             "read_s": 0.25, "to_device_s": 0.0, "page_cache_dropped": True, "write_s_per_gb": 1.5,
             "read_s_per_gb": 0.25, "total_s_per_gb": 1.75, "round_trip_exact": True}
     monkeypatch.setattr(gv, "part_train", boom)
-    monkeypatch.setattr(gv, "part_sync", lambda *a, **k: sync)
+    monkeypatch.setitem(gv.PART_FUNCS, "sync", lambda *a, **k: sync)
     results = gv.run(quick=True, shapes=["tiny"], parts=("train", "sync"), out_dir=tmp_path, log=lambda _: None)
     assert "out of memory" in results["parts"]["train/tiny"]["error"]
     assert results["parts"]["sync/tiny"]["figures"] == sync

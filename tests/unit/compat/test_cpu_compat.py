@@ -27,6 +27,7 @@ def test_apply_is_idempotent_and_lists_every_patch():
     assert apply_cpu_compat() is True
     assert set(PATCHES) == {
         "device_queries",
+        "current_stream",
         "cuda_to_cpu_tensors",
         "rng_tracker",
         "global_memory_buffer",
@@ -37,6 +38,19 @@ def test_apply_is_idempotent_and_lists_every_patch():
 def test_device_queries():
     assert torch.cuda.current_device() == 0
     assert torch.cuda.synchronize() is None
+
+
+def test_current_stream_is_a_no_op_stream():
+    """megatron-core 0.19's DDP grad sync waits on the compute stream (a CPU build of torch
+    raises "Torch not compiled with CUDA enabled" there)."""
+    from megatron_hpt.compat.cpu import NO_OP_STREAM
+
+    stream = torch.cuda.current_stream()
+    assert stream is NO_OP_STREAM and torch.cuda.current_stream(0) is NO_OP_STREAM
+    other = object()
+    assert stream.wait_stream(other) is None and stream.wait_event(other) is None
+    assert stream.synchronize() is None and stream.query() is True
+    assert stream.record_event(other) is other
 
 
 def test_cuda_factory_calls_land_on_cpu():
