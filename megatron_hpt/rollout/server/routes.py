@@ -87,12 +87,8 @@ async def read_object(request: web.Request, required: bool = True) -> dict:
     return body
 
 
-def _deadline_error(state: ServerState) -> RequestRejected:
-    return reject(
-        f"the request did not finish within the server's deadline of {state.options.request_deadline_s:g} s "
-        "(--request-deadline-s); its sequences were aborted",
-        status=503,
-    )
+def _deadline_error(deadline_s: float, flag: str) -> RequestRejected:
+    return reject(f"the request did not finish within the server's deadline of {deadline_s:g} s ({flag}); its sequences were aborted", status=503)
 
 
 class GenerationRoutes:
@@ -104,6 +100,7 @@ class GenerationRoutes:
         """Running requests by rid (the request's and each row's), for /abort_request."""
 
     def _submit(self, rows: list[Row], deadline_s: float) -> list[PendingSequence]:
+        """Queues the rows; RequestRejected (503) when the server is full."""
         scheduler = self.state.scheduler
         if not scheduler.try_reserve(len(rows)):
             raise reject(
@@ -121,8 +118,9 @@ class GenerationRoutes:
             scheduler.submit(p)
         return pending
 
-    async def _results(self, pending: list[PendingSequence]) -> list[SequenceResult]:
-        """Every sequence's result by the deadline; RequestRejected (503 or 500) otherwise."""
+    async def _results(self, pending: list[PendingSequence], deadline_s: float, flag: str) -> list[SequenceResult]:
+        """Every sequence's result by the deadline (``deadline_s``, set by ``flag``);
+        RequestRejected (503 or 500) otherwise."""
         futures = [p.future for p in pending]
         try:
             _, late = await asyncio.wait(futures, timeout=max(0.0, pending[0].deadline - time.monotonic()))
@@ -135,12 +133,12 @@ class GenerationRoutes:
                 p.abort_message = "Aborted: the request passed the server's deadline."
             for f in late:
                 f.add_done_callback(_consume)
-            raise _deadline_error(self.state)
+            raise _deadline_error(deadline_s, flag)
         failed = [f.exception() for f in futures if f.exception() is not None]
         if failed:
             raise reject(str(failed[0]), status=500 if isinstance(failed[0], GenerationFailed) else 503)
         if any(p.expired for p in pending):
-            raise _deadline_error(self.state)
+            raise _deadline_error(deadline_s, flag)
         return [f.result() for f in futures]
 
     async def generate(self, request: web.Request) -> web.Response:
@@ -150,11 +148,12 @@ class GenerationRoutes:
         if self.state.memory_released:
             raise reject("the model's memory is released; call /resume_memory_occupation first")
         rows = [row for group in parsed.groups for row in group]
-        pending = self._submit(rows, self.state.options.request_deadline_s)
+        deadline_s = self.state.options.request_deadline_s
+        pending = self._submit(rows, deadline_s)
         for rid in parsed.rids:
             self.live.setdefault(rid, []).extend(pending)
         try:
-            results = await self._results(pending)
+            results = await self._results(pending, deadline_s, "--request-deadline-s")
         finally:
             for rid in parsed.rids:
                 self.live.pop(rid, None)
@@ -174,9 +173,9 @@ class GenerationRoutes:
         spec = SequenceSpec(prompt_ids=(0,), max_new_tokens=1, temperature=0.0, top_k=1)
         row = Row(spec=spec, rid=f"HEALTH_CHECK_{uuid.uuid4().hex}", return_logprob=False, skip_special_tokens=True)
         try:
-            await self._results(self._submit([row], scheduler.options.watchdog_s))
+            await self._results(self._submit([row], scheduler.options.watchdog_s), scheduler.options.watchdog_s, "--watchdog-timeout-s")
         except RequestRejected as e:
-            return json_response(e.body, 503)
+            return error_response(f"a one-token health check generation failed: {e}", 503)
         return web.Response(status=200)
 
     async def abort_request(self, request: web.Request) -> web.Response:
@@ -278,6 +277,7 @@ def _internal_state(s: ServerState) -> dict[str, Any]:
         "batch_parked": gate.parked,
         "paused": gate.pause_mode,
         "memory_released": s.memory_released,
+        "weight_group_inits": s.group_inits,
         "worker_problem": s.scheduler.problem(),
     }
 

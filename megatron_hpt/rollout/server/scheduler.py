@@ -68,6 +68,7 @@ class Gate:
         self._parked = False
         self._exclusive = False
         self._waiting = 0
+        self.batches_started = 0
 
     def _may_start(self) -> bool:
         return self.pause_mode is None and not self.released and not self._exclusive and self._waiting == 0
@@ -81,6 +82,7 @@ class Gate:
             if not self._cond.wait_for(self._may_start, timeout_s):
                 return False
             self._batch_active = True
+            self.batches_started += 1
             return True
 
     def step(self) -> None:

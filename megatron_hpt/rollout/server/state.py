@@ -95,6 +95,8 @@ class ServerState:
         self.memory_released = False
         self.session: DistributedSession | None = None
         self.update_groups: dict[str, Any] = {}
+        self.group_inits = 0
+        """/init_weights_update_group calls in progress (waiting or in their rendezvous)."""
         self.startup_time = time.time()
         worker = WorkerOptions(
             max_batch_size=options.max_batch_size,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Callable
 
 import torch
@@ -46,8 +47,8 @@ class WeightRoutes:
         self.state = state
         self._lock = asyncio.Lock()
         """One weight swap or memory move at a time."""
-        self._group_lock = asyncio.Lock()
-        """One weight-update group rendezvous at a time."""
+        self._group_busy = False
+        """A weight-update group rendezvous is running (one at a time)."""
 
     async def _exclusively(self, fn: Callable[[], Any], abort_running: bool = False) -> Any:
         """Runs ``fn`` holding the model alone (in a daemon thread, bounded wait)."""
@@ -99,12 +100,22 @@ class WeightRoutes:
         except WeightUpdateError as e:
             return _failure(f"Failed to initialize custom process group: {e}.")
         timeout_s = s.options.weight_group_timeout_s
+        s.group_inits += 1
         try:
-            # One rendezvous at a time (pipeline stages open theirs in turn); a call that
-            # waits longer than one rendezvous may take is refused.
-            await asyncio.wait_for(self._group_lock.acquire(), timeout_s)
-        except asyncio.TimeoutError:
-            return _failure(f"Failed to initialize custom process group: another group was still being initialized after {timeout_s:g} s.")
+            return await self._open_group(req, timeout_s)
+        finally:
+            s.group_inits -= 1
+
+    async def _open_group(self, req: weights.GroupRequest, timeout_s: float) -> web.Response:
+        s = self.state
+        # One rendezvous at a time (pipeline stages open theirs in turn); a call that
+        # waits longer than one rendezvous may take is refused.
+        give_up = time.monotonic() + timeout_s
+        while self._group_busy:
+            if time.monotonic() > give_up:
+                return _failure(f"Failed to initialize custom process group: another group was still being initialized after {timeout_s:g} s.")
+            await asyncio.sleep(0.05)
+        self._group_busy = True
         try:
             if req.group_name in s.update_groups or len(s.update_groups) >= weights.MAX_UPDATE_GROUPS:
                 return _failure(f"Failed to initialize custom process group: group {req.group_name!r} exists or {len(s.update_groups)} groups are open.")
@@ -112,7 +123,7 @@ class WeightRoutes:
         except Exception as e:  # the rendezvous or the backend failed: nothing was opened
             return _failure(f"Failed to initialize custom process group: {type(e).__name__}: {e}.")
         finally:
-            self._group_lock.release()
+            self._group_busy = False
         s.update_groups[req.group_name] = group
         return json_response({"success": True, "message": "Succeeded to initialize custom process group."})
 

@@ -110,9 +110,17 @@ def wait_until(predicate, what: str, timeout_s: float = 120.0, poll_s: float = 0
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def in_thread(fn, *args):
-    """Starts fn(*args) on a thread; returns (thread, list that receives its result)."""
+def in_thread(fn, *args, **kwargs):
+    """Starts fn(*args) on a thread; returns (thread, list that receives its result, or
+    the exception it raised)."""
     out: list = []
-    t = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
+
+    def run() -> None:
+        try:
+            out.append(fn(*args, **kwargs))
+        except Exception as e:  # the test looks at it
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
     t.start()
     return t, out
