@@ -29,8 +29,10 @@ from megatron_hpt.rollout.server.validation import RequestRejected, Row, invalid
 
 log = logging.getLogger("megatron_hpt.rollout.server")
 
+STATE = web.AppKey("state", ServerState)
+
 _PARSE_IN_THREAD_BYTES = 1 << 20
-"""Bodies larger than this are decoded off the event loop."""
+"""Bodies larger than this are decoded and checked off the event loop."""
 
 
 def _bearer_matches(header: str | None, key: bytes) -> bool:
@@ -72,7 +74,7 @@ async def read_object(request: web.Request, required: bool = True) -> dict:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app["state"].options.max_body_mb
+        limit = request.app[STATE].options.max_body_mb
         raise reject(f"the request body is larger than {limit:g} MB (--max-body-mb)", status=413) from None
     if not raw:
         if required:
@@ -144,7 +146,10 @@ class GenerationRoutes:
     async def generate(self, request: web.Request) -> web.Response:
         start = time.monotonic()
         body = await read_object(request)
-        parsed = parse_generate(body, self.state.limits, self.state.encode)
+        args = (body, self.state.limits, self.state.encode)
+        # Checking and tokenizing a large batch takes a while: not on the event loop.
+        large = (request.content_length or 0) > _PARSE_IN_THREAD_BYTES
+        parsed = await run_blocking(parse_generate, *args, name="parse-generate") if large else parse_generate(*args)
         if self.state.memory_released:
             raise reject("the model's memory is released; call /resume_memory_occupation first")
         rows = [row for group in parsed.groups for row in group]
@@ -289,16 +294,11 @@ def build_app(state: ServerState) -> web.Application:
     if state.options.api_key is not None:
         middlewares.insert(0, auth_middleware(state.options.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=int(state.options.max_body_mb * (1 << 20)))
-    app["state"] = state
-    handlers = {**vars_of(GenerationRoutes(state)), **vars_of(ControlRoutes(state)), **vars_of(WeightRoutes(state))}
+    app[STATE] = state
+    owners = (GenerationRoutes(state), ControlRoutes(state), WeightRoutes(state))
     for method, path, name in ROUTES:
-        app.router.add_route(method, path, handlers[name])
+        app.router.add_route(method, path, next(getattr(o, name) for o in owners if hasattr(o, name)))
     return app
-
-
-def vars_of(obj: object) -> dict[str, Any]:
-    """The public bound methods of a routes object, by name."""
-    return {n: getattr(obj, n) for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n))}
 
 
 ROUTES: list[tuple[str, str, str]] = [
