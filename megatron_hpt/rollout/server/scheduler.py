@@ -24,14 +24,16 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 from megatron_hpt.rollout.generation import BatchGenerator, SequenceResult, StepHooks
 from megatron_hpt.rollout.server.validation import Row
 
 log = logging.getLogger("megatron_hpt.rollout.server")
 
-PauseMode = str  # "abort", "retract" or "in_place" (SGLang's /pause_generation modes)
+PauseMode = Literal["abort", "retract", "in_place"]
+"""SGLang's /pause_generation modes: abort running requests, or keep them where they are
+(retract is served like in_place: this server has no KV cache to give back)."""
 
 
 class GenerationFailed(RuntimeError):
@@ -146,9 +148,10 @@ class Gate:
         return self.pause_mode is not None or self.released or self._exclusive or self._waiting > 0
 
 
-@dataclass
+@dataclass(kw_only=True, frozen=True)
 class WorkerOptions:
     max_batch_size: int
+    """Most sequences decoded together."""
     batch_wait_s: float
     """A batch closes once no request came for this long."""
     watchdog_s: float

@@ -78,7 +78,7 @@ _UNSUPPORTED_REQUEST_KEYS = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Limits:
     """What one /generate request may ask of this server."""
 
