@@ -118,6 +118,8 @@ class SequenceResult:
     abort_message: str | None = None
     input_logprobs: list[float | None] | None = None
     """log-probs of prompt tokens from ``input_logprobs_from``; None for position 0."""
+    weight_version: str | None = None
+    """The weight version the sequence was prefilled with (None: it never ran)."""
     weight_versions: list[tuple[str, int, int]] = field(default_factory=list)
     """(version, start, end) spans of output positions produced under each weight version."""
 
@@ -126,7 +128,9 @@ class StepHooks:
     """What the decode loop asks its owner between steps (the server implements it)."""
 
     def before_step(self) -> None:
-        """Called before each forward; may block (paused generation)."""
+        """Called before each forward; may block (paused generation, a weight swap). The
+        weights change only while it blocks, so ``weight_version()`` read after it names
+        the weights of the next forward."""
 
     def aborted(self, tag: object) -> str | None:
         """A message when the sequence tagged ``tag`` must stop now, else None."""
@@ -164,32 +168,37 @@ class BatchGenerator:
         hooks = hooks or StepHooks()
         tags = tags if tags is not None else list(range(len(specs)))
         results = [SequenceResult() for _ in specs]
-        if not specs:
-            return results
+        if specs:
+            batch = self._prefill(specs, results, hooks)
+            self._decode(specs, tags, results, hooks, batch)
+        return results
+
+    def _prefill(self, specs: list[SequenceSpec], results: list[SequenceResult], hooks: StepHooks) -> _Batch:
+        """One forward over the unique prompts (left-padded); their cache rows are then
+        repeated per sequence. Sequences with max_new_tokens 0 end here."""
         from transformers import DynamicCache
 
         device = self.device
-        # Unique prompts, each prefilled once; row r of the batch uses prompt group_of[r].
         unique: dict[tuple[int, ...], int] = {}
         group_of = [unique.setdefault(s.prompt_ids, len(unique)) for s in specs]
         prompts = list(unique)
         max_len = max(len(p) for p in prompts)
-        pad_id = 0
-        ids_UL = torch.full((len(prompts), max_len), pad_id, dtype=torch.long)
+        ids_UL = torch.zeros((len(prompts), max_len), dtype=torch.long)
         mask_UL = torch.zeros((len(prompts), max_len), dtype=torch.long)
         for u, p in enumerate(prompts):
             ids_UL[u, max_len - len(p) :] = torch.tensor(p)
             mask_UL[u, max_len - len(p) :] = 1
         ids_UL, mask_UL = ids_UL.to(device), mask_UL.to(device)
-        pos_UL = (mask_UL.cumsum(-1) - 1).clamp_(min=0)
 
         hooks.before_step()
         version = hooks.weight_version()
+        for res in results:
+            res.weight_version = version
         cache = DynamicCache()
         out = self._forward(
             input_ids=ids_UL,
             attention_mask=mask_UL,
-            position_ids=pos_UL,
+            position_ids=(mask_UL.cumsum(-1) - 1).clamp_(min=0),
             **{self._cache_arg: cache},
             use_cache=True,
             logits_to_keep=0 if any(s.input_logprobs_from >= 0 for s in specs) else 1,
@@ -197,77 +206,53 @@ class BatchGenerator:
         logits_ULV = out.logits.float()
         for r, s in enumerate(specs):
             if s.input_logprobs_from >= 0:
-                results[r].input_logprobs = self._prompt_logprobs(
-                    logits_ULV[group_of[r]], s, max_len
-                )
-        last_UV = logits_ULV[:, -1, :]
-        del out, logits_ULV
-
+                results[r].input_logprobs = self._prompt_logprobs(logits_ULV[group_of[r]], s, max_len)
         rows = torch.tensor(group_of, device=device)
         cache.batch_select_indices(rows)
         mask_BL = mask_UL[rows]
-        next_pos_B = mask_BL.sum(-1)
-        logits_BV = last_UV[rows]
-
-        active = [r for r, s in enumerate(specs) if s.max_new_tokens > 0]
-        if len(active) < len(specs):
-            keep = torch.tensor(active, dtype=torch.long, device=device)
-            cache.batch_select_indices(keep)
-            mask_BL, next_pos_B, logits_BV = mask_BL[keep], next_pos_B[keep], logits_BV[keep]
+        batch = _Batch(
+            cache=cache, mask_BL=mask_BL, next_pos_B=mask_BL.sum(-1), logits_BV=logits_ULV[:, -1, :][rows], active=list(range(len(specs))), version=version
+        )
+        del out, logits_ULV
         for r, s in enumerate(specs):
             if s.max_new_tokens == 0:
                 results[r].finish_type = "length"
+        batch.keep([b for b, r in enumerate(batch.active) if specs[r].max_new_tokens > 0])
+        return batch
 
+    def _decode(self, specs: list[SequenceSpec], tags: list[object], results: list[SequenceResult], hooks: StepHooks, batch: _Batch) -> None:
+        """One token per active sequence per step until each stops, ends or is aborted."""
+        device = self.device
         temps = torch.tensor([s.temperature for s in specs], dtype=torch.float32, device=device)
         greedy_all = temps == 0
         top_k_all = torch.tensor([min(s.top_k, TOP_K_ALL) for s in specs], device=device)
         top_p_all = torch.tensor([s.top_p for s in specs], dtype=torch.float32, device=device)
         seeds_all = torch.tensor([s.seed for s in specs], dtype=torch.int64, device=device)
-        stop_sets = [s.stop_token_ids for s in specs]
         step = 0
-        while active:
-            idx = torch.tensor(active, device=device)
+        while batch.active:
+            idx = torch.tensor(batch.active, device=device)
             tokens_B, logprobs_B = self._pick_tokens(
-                logits_BV, temps[idx], greedy_all[idx], top_k_all[idx], top_p_all[idx], seeds_all[idx], step
+                batch.logits_BV, temps[idx], greedy_all[idx], top_k_all[idx], top_p_all[idx], seeds_all[idx], step
             )
-            tokens, logprobs = tokens_B.tolist(), logprobs_B.tolist()
-            still: list[int] = []
-            for b, r in enumerate(active):
-                res = results[r]
-                res.output_ids.append(tokens[b])
-                res.output_logprobs.append(logprobs[b])
-                _extend_versions(res.weight_versions, version, len(res.output_ids))
-                message = hooks.aborted(tags[r])
-                if tokens[b] in stop_sets[r]:
-                    res.finish_type, res.matched_stop = "stop", tokens[b]
-                elif len(res.output_ids) >= specs[r].max_new_tokens:
-                    res.finish_type = "length"
-                elif message is not None:
-                    res.finish_type, res.abort_message = "abort", message
-                else:
-                    still.append(b)
+            still = _record(tokens_B.tolist(), logprobs_B.tolist(), batch, specs, tags, results, hooks)
             if not still:
-                break
-            if len(still) < len(active):
-                keep = torch.tensor(still, device=device)
-                cache.batch_select_indices(keep)
-                mask_BL, next_pos_B, tokens_B = mask_BL[keep], next_pos_B[keep], tokens_B[keep]
-                active = [active[b] for b in still]
-            mask_BL = torch.cat([mask_BL, torch.ones_like(mask_BL[:, :1])], dim=1)
+                return
+            tokens_B = tokens_B[torch.tensor(still, device=device)] if len(still) < len(batch.active) else tokens_B
+            batch.keep(still)
+            batch.mask_BL = torch.cat([batch.mask_BL, torch.ones_like(batch.mask_BL[:, :1])], dim=1)
             hooks.before_step()
-            version = hooks.weight_version()
+            batch.version = hooks.weight_version()
             out = self._forward(
                 input_ids=tokens_B[:, None],
-                attention_mask=mask_BL,
-                position_ids=next_pos_B[:, None],
-                **{self._cache_arg: cache},
+                attention_mask=batch.mask_BL,
+                position_ids=batch.next_pos_B[:, None],
+                **{self._cache_arg: batch.cache},
                 use_cache=True,
                 logits_to_keep=1,
             )
-            logits_BV = out.logits[:, -1, :].float()
-            next_pos_B = next_pos_B + 1
+            batch.logits_BV = out.logits[:, -1, :].float()
+            batch.next_pos_B = batch.next_pos_B + 1
             step += 1
-        return results
 
     @staticmethod
     def _prompt_logprobs(logits_LV: torch.Tensor, spec: SequenceSpec, padded_len: int) -> list[float | None]:
@@ -302,6 +287,49 @@ class BatchGenerator:
             tokens_B[sampled] = picked_S
         token_logprobs_B = logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(1)
         return tokens_B, token_logprobs_B
+
+
+@dataclass
+class _Batch:
+    """The decoding state of the sequences still running (row b is sequence active[b])."""
+
+    cache: object
+    mask_BL: torch.Tensor
+    next_pos_B: torch.Tensor
+    """Position of each row's next token."""
+    logits_BV: torch.Tensor
+    active: list[int]
+    version: str
+    """Weight version of the forward that produced logits_BV."""
+
+    def keep(self, rows: list[int]) -> None:
+        """Keeps batch rows ``rows`` (positions in ``active``), dropping the others' cache."""
+        if len(rows) == len(self.active):
+            return
+        keep = torch.tensor(rows, dtype=torch.long, device=self.mask_BL.device)
+        self.cache.batch_select_indices(keep)
+        self.mask_BL, self.next_pos_B, self.logits_BV = self.mask_BL[keep], self.next_pos_B[keep], self.logits_BV[keep]
+        self.active = [self.active[b] for b in rows]
+
+
+def _record(tokens: list[int], logprobs: list[float], batch: _Batch, specs, tags, results, hooks: StepHooks) -> list[int]:
+    """Appends each active sequence's new token; returns the batch rows that go on."""
+    still: list[int] = []
+    for b, r in enumerate(batch.active):
+        res = results[r]
+        res.output_ids.append(tokens[b])
+        res.output_logprobs.append(logprobs[b])
+        _extend_versions(res.weight_versions, batch.version, len(res.output_ids))
+        message = hooks.aborted(tags[r])
+        if tokens[b] in specs[r].stop_token_ids:
+            res.finish_type, res.matched_stop = "stop", tokens[b]
+        elif len(res.output_ids) >= specs[r].max_new_tokens:
+            res.finish_type = "length"
+        elif message is not None:
+            res.finish_type, res.abort_message = "abort", message
+        else:
+            still.append(b)
+    return still
 
 
 def _extend_versions(spans: list[tuple[str, int, int]], version: str, end: int) -> None:

@@ -39,10 +39,18 @@ class ContractChecker:
             assert not extra, f"meta_info fields outside SGLang's contract: {extra}"
 
 
-def post(url: str, path: str, body, timeout: float = 120.0) -> tuple[int, object]:
+def post(url: str, path: str, body, timeout: float = 120.0, headers: dict | None = None, method: str = "POST") -> tuple[int, object]:
     """(status, decoded JSON or text) of a raw POST: tests send bad requests on purpose."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url + path, data=data, headers={"content-type": "application/json"})
+    req = urllib.request.Request(url + path, data=data, headers={"content-type": "application/json", **(headers or {})}, method=method)
+    return _send(req, timeout)
+
+
+def get(url: str, path: str, timeout: float = 60.0, headers: dict | None = None) -> tuple[int, object]:
+    return _send(urllib.request.Request(url + path, headers=headers or {}), timeout)
+
+
+def _send(req: urllib.request.Request, timeout: float) -> tuple[int, object]:
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             status, raw = r.status, r.read()
@@ -50,19 +58,7 @@ def post(url: str, path: str, body, timeout: float = 120.0) -> tuple[int, object
         status, raw = e.code, e.read()
     try:
         return status, json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        return status, raw.decode(errors="replace")
-
-
-def get(url: str, path: str, timeout: float = 60.0) -> tuple[int, object]:
-    try:
-        with urllib.request.urlopen(url + path, timeout=timeout) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, json.loads(raw) if raw else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return status, raw.decode(errors="replace")
 
 

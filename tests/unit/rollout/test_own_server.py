@@ -11,13 +11,21 @@ import torch
 
 from megatron_hpt.rollout import weight_transport
 from rollout_testlib import get, hf_greedy, model_with, perturbed_weights, post, recompute_logprobs
+from server_testlib import ServerProcess, in_thread, wait_until
 
 PROMPTS = [[1, 40, 50, 60], [5, 6, 7, 8, 9, 10, 11, 12], [300, 2, 17]]
 
 
 @pytest.fixture(scope="module")
-def url(own_engine):
-    return own_engine.urls[0]
+def weight_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("weights_sync")
+
+
+@pytest.fixture(scope="module")
+def url(tiny_model_dir, weight_dir, tmp_path_factory):
+    server = ServerProcess(tiny_model_dir, "--weight-dir", str(weight_dir), log_path=tmp_path_factory.mktemp("own_server") / "server.log")
+    yield server.url
+    server.stop()
 
 
 def generate(url, contract, body):
@@ -128,11 +136,13 @@ def test_bad_requests_get_400_in_sglang_error_shapes(url, sglang_api, name, body
 
 def test_unknown_top_level_keys_are_ignored(url, contract):
     generate(url, contract, {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}, "zzz": 3})
+    # A body over 1 MB is decoded and checked off the event loop, same answer.
+    generate(url, contract, {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}, "zzz": "x" * (2 << 20)})
 
 
-def test_update_weights_from_disk_changes_outputs_to_the_new_weights(url, contract, hf_model, tiny_model_dir, tmp_path):
+def test_update_weights_from_disk_changes_outputs_to_the_new_weights(url, contract, hf_model, tiny_model_dir, weight_dir):
     new = perturbed_weights(hf_model)
-    new_dir = weight_transport.write_safetensors_dir(new.items(), tmp_path / "step1", config_from=tiny_model_dir)
+    new_dir = weight_transport.write_safetensors_dir(new.items(), weight_dir / "step1", config_from=tiny_model_dir)
     new_model = model_with(tiny_model_dir, new)
     body = {"input_ids": PROMPTS, "sampling_params": {"temperature": 0, "max_new_tokens": 16}, "return_logprob": True}
     before = generate(url, contract, body)
@@ -190,31 +200,30 @@ def test_release_and_resume_memory(url, contract):
     assert generate(url, contract, body)["output_ids"] == before
 
 
-def _generate_in_thread(url, body, out):
-    out.append(post(url, "/generate", body))
-
-
 def test_abort_all_and_pause_continue(url, contract):
+    # A request held by an in-place pause is aborted by abort_all and answered while the
+    # server is still paused (nothing depends on speed or on what the model samples).
     long_body = {"input_ids": [PROMPTS[0]] * 4, "sampling_params": {"temperature": 1.0, "max_new_tokens": 1000, "ignore_eos": True}}
-    out: list = []
-    t = threading.Thread(target=_generate_in_thread, args=(url, long_body, out))
-    t.start()
-    time.sleep(1.0)
+    assert post(url, "/pause_generation", {"mode": "in_place"})[0] == 200
+    t, out = in_thread(post, url, "/generate", long_body)
+    wait_until(lambda: get(url, "/server_info")[1]["internal_states"][0]["pending_sequences"] == 4, "the request to be queued")
     assert post(url, "/abort_request", {"abort_all": True})[0] == 200
-    t.join(timeout=60)
+    t.join(timeout=120)
     status, reply = out[0]
     assert status == 200
     contract.check_reply(reply)
-    assert all(r["meta_info"]["finish_reason"]["type"] == "abort" for r in reply)
-    assert all(len(r["output_ids"]) < 1000 for r in reply)
+    assert [r["meta_info"]["finish_reason"]["type"] for r in reply] == ["abort"] * 4
+    assert all(r["output_ids"] == [] for r in reply)
+    assert post(url, "/continue_generation", {})[0] == 200
 
-    # in_place pause: the request waits, then finishes normally after continue.
+    # in_place pause: the request waits, then finishes normally after continue (EOS off:
+    # exactly max_new_tokens, whatever the random model samples).
     assert post(url, "/pause_generation", {"mode": "in_place"})[0] == 200
-    out = []
-    t = threading.Thread(target=_generate_in_thread, args=(url, {"input_ids": PROMPTS[0], "sampling_params": {"max_new_tokens": 3}}, out))
-    t.start()
-    time.sleep(0.5)
+    body = {"input_ids": PROMPTS[0], "sampling_params": {"max_new_tokens": 3, "ignore_eos": True}}
+    t, out = in_thread(post, url, "/generate", body)
+    wait_until(lambda: get(url, "/server_info")[1]["internal_states"][0]["pending_sequences"] == 1, "the request to be queued")
     assert not out, "a paused server must not answer"
     assert post(url, "/continue_generation", {})[0] == 200
-    t.join(timeout=60)
-    assert out[0][0] == 200 and out[0][1]["meta_info"]["finish_reason"]["type"] == "length"
+    t.join(timeout=120)
+    status, reply = out[0]
+    assert status == 200 and reply["meta_info"]["finish_reason"] == {"type": "length", "length": 3}

@@ -1,0 +1,3 @@
+from megatron_hpt.rollout.server.cli import main
+
+main()
