@@ -129,7 +129,7 @@ class ServerState:
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self.context_length = int(args.context_length or getattr(self.hf_config, "max_position_embeddings", 4096))
         self.eos_ids = self._eos_ids()
-        self.weight_version = "default"
+        self.weight_version = args.weight_version
         self.model_lock = threading.Lock()
         self.generator = BatchGenerator(self.model, model_lock=self.model_lock)
         self.queue: queue.Queue[PendingSequence] = queue.Queue()
@@ -442,6 +442,19 @@ async def _body(request: web.Request, required: bool = True) -> Any:
         raise RequestRejected(protocol.validation_error_body("body", f"JSON decode error: {e}", raw[:200].decode(errors="replace"))) from None
 
 
+def _auth(api_key: str | None):
+    """SGLang's --api-key scheme: every route but /health* wants "Authorization: Bearer <key>"."""
+
+    @web.middleware
+    async def check(request: web.Request, handler):
+        if api_key and not request.path.startswith("/health"):
+            if request.headers.get("Authorization", "") != f"Bearer {api_key}":
+                return _json({"error": "Unauthorized"}, 401)
+        return await handler(request)
+
+    return check
+
+
 @web.middleware
 async def _errors(request: web.Request, handler):
     try:
@@ -451,7 +464,7 @@ async def _errors(request: web.Request, handler):
 
 
 def build_app(state: ServerState) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=1 << 30)
+    app = web.Application(middlewares=[_auth(state.args.api_key), _errors], client_max_size=1 << 30)
     routes = web.RouteTableDef()
 
     @routes.route("*", "/generate")
@@ -469,7 +482,7 @@ def build_app(state: ServerState) -> web.Application:
                 state.queue.put(p)
                 pending.append(p)
         try:
-            results = await asyncio.gather(*(p.future for p in pending))
+            results = await asyncio.wait_for(asyncio.gather(*(p.future for p in pending)), state.args.request_deadline_s)
         except Exception as e:
             raise _reject(f"generation failed: {e}", status=500) from e
         latency = time.monotonic() - start
@@ -532,6 +545,7 @@ def build_app(state: ServerState) -> web.Application:
                 "startup_time": state.startup_time,
                 "internal_states": [{"queued_sequences": state.queue.qsize(), "busy": state.busy_since is not None}],
                 "version": "megatron-hpt-own-server",
+                "launch_token": state.args.launch_token,
                 "frontend": "python",
             }
         )
@@ -550,6 +564,9 @@ def build_app(state: ServerState) -> web.Application:
         if not isinstance(body, dict) or not isinstance(body.get("model_path"), str):
             raise RequestRejected(protocol.validation_error_body("model_path", "Field required (a string)", body))
         path = body["model_path"]
+        allowed = state.args.weight_dir
+        if allowed and not Path(path).resolve().is_relative_to(Path(allowed).resolve()):
+            return _json({"success": False, "message": f"{path} is outside --weight-dir {allowed}", "num_paused_requests": 0}, 400)
         try:
             named = await asyncio.to_thread(weight_transport.read_safetensors_dir, path)
             count = await asyncio.to_thread(state.load_named_tensors, named)
@@ -712,6 +729,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (more only on cores nobody else uses)")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route but /health*")
+    p.add_argument("--launch-token", default=None, help="reported by /get_server_info as launch_token")
+    p.add_argument("--weight-version", default="default", help="the version of the weights it starts with")
+    p.add_argument("--request-deadline-s", type=float, default=None, help="longest a /generate request may take")
+    p.add_argument("--weight-dir", default=None, help="the only folder /update_weights_from_disk may read")
     return p.parse_args(argv)
 
 
