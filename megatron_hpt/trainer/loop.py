@@ -14,6 +14,7 @@ so the step's rows are broadcast from rank 0. One step reads like the paper:
 
 from __future__ import annotations
 
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from megatron_hpt.config import dump_yaml
 from megatron_hpt.data.types import TrainBatch
 from megatron_hpt.parallel import ParallelState, destroy_parallel, init_parallel
+from megatron_hpt.rollout import RolloutError, WeightsNeeded
 from megatron_hpt.trainer.config import RunConfig
 from megatron_hpt.trainer.rows import build_rows, row_policy_for
 from megatron_hpt.training.batching import balanced_split, minibatch_split
@@ -95,6 +97,11 @@ class Trainer:
         self.step = 0
         self.sync_dir = self.run_dir / "weights_sync"
         self._weight_sender = None
+        self._weight_target = None
+        self._num_syncs = 0
+        self.weights_version: str | None = None
+        """The version the trainer last pushed (None: the servers' launch weights)."""
+        self._rollout_memory_released = False
 
         from megatron_hpt.models import load_hf_config
 
@@ -189,7 +196,7 @@ class Trainer:
         finally:
             if self._weight_sender is not None:
                 self._weight_sender.close()
-                self._weight_sender = None
+                self._weight_sender = self._weight_target = None
             if self.is_rank0 and self.world is not None:
                 self.world.close()
         return last
@@ -204,18 +211,36 @@ class Trainer:
         cfg = self.cfg
         timer = Timer()
         step_start = time.perf_counter()
-        payload = None
-        if self.is_rank0:
-            samples, metrics = self.world.rollout_and_score(self.step, timer)
-            rows = build_rows(samples, self.loss_config, cfg.algorithm.switch, self.row_policy)
-            metrics.update(rows.metrics)
-            payload = (rows.batch, metrics)
-        batch, metrics = _broadcast(payload)
+        batch, metrics = self._rollout_batch(timer)
         metrics.update(self._train_on(batch, timer))
         metrics["perf/step_tokens"] = float(sum(r.num_tokens for r in batch.rows))
         metrics["train/optimizer_steps"] = float(self.policy.optimizer_steps)
         metrics["train/skipped_steps_total"] = float(self.policy.skipped_steps)
         return metrics, timer, step_start
+
+    def _rollout_batch(self, timer: Timer) -> tuple[TrainBatch, dict[str, float]]:
+        """Rank 0's rollouts and rows, on every rank. When the rollout servers lost the
+        current weights (restarted, distributed sync), every rank pushes them again first."""
+        for _ in range(self.cfg.rollout.max_retries + 1):
+            payload = None
+            if self.is_rank0:
+                try:
+                    expected = self.weights_version or self.world.engine.weight_version
+                    samples, metrics = self.world.rollout_and_score(self.step, timer, expected)
+                    rows = build_rows(samples, self.loss_config, self.cfg.algorithm.switch, self.row_policy)
+                    metrics.update(rows.metrics)
+                    payload = (rows.batch, metrics)
+                    if self.cfg.rollout.colocated:  # the training step needs the servers' GPU memory
+                        self.world.engine.release_memory()
+                        self._rollout_memory_released = True
+                except WeightsNeeded as e:
+                    print(f"step {self.step + 1}: {e}; pushing the weights again", flush=True)
+            payload = _broadcast(payload)
+            if payload is not None:
+                return payload
+            self._sync_weights()
+        raise RolloutError(f"step {self.step + 1}: the rollout servers still lack the current weights after "
+                           f"{self.cfg.rollout.max_retries + 1} weight pushes")
 
     @staticmethod
     def _step_perf(metrics: dict[str, float], timer: Timer, step_start: float) -> dict[str, float]:
@@ -287,18 +312,41 @@ class Trainer:
 
     def _sync_weights(self) -> None:
         """Push the policy's weights to the rollout servers (version = the step)."""
+        version = str(self.step)
+        self._num_syncs += 1
+        if self.is_rank0 and self._rollout_memory_released:
+            self.world.engine.resume_memory()  # the update writes into the servers' weights
+            self._rollout_memory_released = False
         if self.cfg.rollout.weight_sync == "distributed":
-            self._sync_weights_distributed()
-            return
-        write_hf_checkpoint(self.policy.module, self.st, self.hf_config, self.sync_dir, self.cfg.model.hf_path)
+            self._sync_weights_distributed(version)
+        else:
+            self._sync_weights_disk(version)
+        self.weights_version = version
+
+    def _sync_weights_disk(self, version: str) -> None:
+        """A new folder per update, complete before the servers are told about it (a
+        server restarted later reloads it); older folders go once it is loaded."""
+        folder = self.sync_dir / f"v{self._num_syncs:06d}-step{self.step}"
+        partial = folder.with_name(folder.name + ".partial")
+        if self.is_rank0:  # leftovers of an earlier process of this run
+            for stale in (partial, folder):
+                shutil.rmtree(stale, ignore_errors=True)
+        write_hf_checkpoint(self.policy.module, self.st, self.hf_config, partial, self.cfg.model.hf_path)
         if self.is_rank0:
-            self.world.engine.update_weights_from_disk(str(self.sync_dir.resolve()), version=str(self.step))
+            partial.rename(folder)
+            self.world.engine.update_weights_from_disk(str(folder.resolve()), version=version)
+            for old in self.sync_dir.iterdir():
+                if old == folder:
+                    continue
+                if old.is_dir():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink()
 
-    def _sync_weights_distributed(self) -> None:
+    def _sync_weights_distributed(self, version: str) -> None:
         """Each pipeline stage broadcasts its own layers to the servers over a weight-update
-        process group (NCCL on GPUs, gloo on CPU), in size-bounded buckets; no disk."""
-        from megatron_hpt.rollout import DistributedWeightSender
-
+        process group (NCCL on GPUs, gloo on CPU), in size-bounded buckets; no disk. A new
+        target (servers restarted since the last update) gets a new group."""
         targets = None
         if self.is_rank0:
             self.world.engine.begin_weight_update()
@@ -307,14 +355,16 @@ class Trainer:
         if self.st.dp_rank == 0:
             full = gather_stage_full_layout(self.policy.module, self.st)
             if self.st.tp_rank == 0:
-                if self._weight_sender is None:
-                    self._weight_sender = DistributedWeightSender(targets[self.st.pp_rank])
-                    self._weight_sender.open()
-                self._weight_sender.send(full_layout_stage_to_hf(full, self.hf_config).items(), str(self.step))
+                target = targets[self.st.pp_rank]
+                if self._weight_target != target:
+                    if self._weight_sender is not None:
+                        self._weight_sender.close()
+                    self._weight_sender, self._weight_target = target.open_sender(), target
+                self._weight_sender.send(full_layout_stage_to_hf(full, self.hf_config).items(), version)
         if dist.is_initialized():
             dist.barrier()
         if self.is_rank0:
-            self.world.engine.end_weight_update()
+            self.world.engine.end_weight_update(version)
 
     def close(self) -> None:
         destroy_parallel()

@@ -103,7 +103,7 @@ def test_weight_sync_distributed_bucketed(own_engine, hf_model, tiny_model_dir):
     params = SamplingParams(temperature=0.0, max_new_tokens=10)
     own_engine.update_weights_from_distributed(new.items(), "dist-1")
     try:
-        sender = own_engine._senders["stage0"]
+        sender = own_engine._local_sender[1]
         assert sender.bytes_sent == sum(t.numel() * t.element_size() for t in new.values())
         out = own_engine.generate(PROMPTS[:2], 1, params, seed=0)
         assert [row[0].output_ids for row in out] == [hf_greedy(new_model, p, 10) for p in PROMPTS[:2]]
@@ -122,6 +122,7 @@ def test_weight_sync_per_pipeline_stage(own_engine, hf_model, tiny_model_dir):
     own_engine.close_weight_sync()  # the single-process group of the test above
     new = perturbed_weights(hf_model, scale=4.0, seed=5)
     stage_of = lambda name: 1 if ("layers.2." in name or "layers.3." in name or name in ("model.norm.weight", "lm_head.weight")) else 0  # noqa: E731
+    own_engine.begin_weight_update()
     senders = [DistributedWeightSender(own_engine.weight_sync_target(stage)) for stage in (0, 1)]
     assert senders[0].target.group_name != senders[1].target.group_name
     errors: list[BaseException] = []
@@ -133,13 +134,12 @@ def test_weight_sync_per_pipeline_stage(own_engine, hf_model, tiny_model_dir):
         except BaseException as e:  # reported by the main thread
             errors.append(e)
 
-    own_engine.begin_weight_update()
     threads = [threading.Thread(target=stage_rank, args=(s,)) for s in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
-    own_engine.end_weight_update()
+    own_engine.end_weight_update("pp-1")
     try:
         assert not errors, errors
         assert senders[0].bytes_sent > 0 and senders[1].bytes_sent > 0
