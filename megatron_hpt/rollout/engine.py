@@ -151,6 +151,11 @@ class RolloutEngine(abc.ABC):
         """Close the update: the servers now hold ``version``."""
         raise NotImplementedError(f"{type(self).__name__} has no distributed weight sync")
 
+    def abort_weight_update(self) -> None:
+        """A stage could not send (WeightSyncError): drop the update; servers that stopped
+        answering are recovered, and the next begin_weight_update forms a new group."""
+        raise NotImplementedError(f"{type(self).__name__} has no distributed weight sync")
+
     def update_weights_from_distributed(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str
     ) -> None:

@@ -76,10 +76,15 @@ class ForeignServer(ServerStartError):
 
 class PortReservation:
     """A TCP port held bound (SO_REUSEADDR, not listening) so that no other process is
-    given it, while the server we start can still bind and listen on it."""
+    given it, while the server we start can still bind and listen on it. A given port is
+    taken only when a plain bind succeeds too: nobody else holds or uses it."""
 
     def __init__(self, host: str, port: int = 0):
-        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        if port:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((host, port))  # OSError when another reservation or server has it
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self._sock.bind((host, port))

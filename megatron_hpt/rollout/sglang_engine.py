@@ -482,43 +482,57 @@ class SGLangEngine(RolloutEngine):
             if r is not None:
                 self._run(server.client.post("/flush_cache"))
 
-    def _post_each(self, servers: list[_Server], path: str, body: Any = None) -> None:
-        """POST to each server; WeightSyncError naming the first that fails."""
+    def _post_each(self, servers: list[_Server], path: str, body: Any = None) -> list[_Server]:
+        """POST to each server; those that are unreachable are marked failed (recovery
+        takes over) and left out of the returned list; any other failure raises
+        WeightSyncError naming the server."""
         async def go():
-            return await asyncio.gather(*(s.client.post(path, body) for s in servers), return_exceptions=True)
+            replies = await asyncio.gather(*(s.client.post(path, body) for s in servers), return_exceptions=True)
+            ok = []
+            for s, r in zip(servers, replies):
+                if isinstance(r, ServerUnavailable):
+                    self._mark_failed(s, str(r))
+                elif isinstance(r, BaseException):
+                    raise WeightSyncError(f"{s.client.url}{path} failed: {r}") from r
+                elif isinstance(r, dict) and r.get("success") is False:
+                    raise WeightSyncError(f"{s.client.url}{path} failed: {r.get('message', r)}")
+                else:
+                    ok.append(s)
+            return ok
 
-        for s, r in zip(servers, self._run(go())):
-            if isinstance(r, BaseException):
-                raise WeightSyncError(f"{s.client.url}{path} failed: {r}") from r
-            if isinstance(r, dict) and r.get("success") is False:
-                raise WeightSyncError(f"{s.client.url}{path} failed: {r.get('message', r)}")
+        return self._run(go())
 
     def begin_weight_update(self) -> None:
         """Opens the update on every server that is up (serving or waiting for weights;
-        SGLang 0.5.23 wants a session around /update_weights_from_distributed). When that
-        set changed since the last update (a restart), the targets name a new group."""
-        self._run(self._await_restarts())
-        members = [s for s in self._servers if not s.down or s.needs_weights]
-        if not members:
-            raise WeightSyncError("no rollout server is up for the weight update: " + ", ".join(self._describe()))
-        key = tuple((id(s), s.incarnation, s.client.url) for s in members)
-        if key != self._group_key:
-            self._group_key, self._group_epoch = key, self._group_epoch + 1
-        self._update_members = members
-        self._post_each(members, "/begin_weight_update")
+        SGLang 0.5.23 wants a session around /update_weights_from_distributed). Servers
+        being restarted are waited for, so the update includes them. When that set
+        changed since the last update (a restart), the targets name a new group."""
+        for _ in range(self.cfg.max_retries + 1):
+            self._run(self._await_restarts())
+            members = [s for s in self._servers if not s.down or s.needs_weights]
+            if not members:
+                break
+            opened = self._post_each(members, "/begin_weight_update")
+            if len(opened) == len(members):
+                key = tuple((id(s), s.incarnation, s.client.url) for s in members)
+                if key != self._group_key:
+                    self._group_key, self._group_epoch = key, self._group_epoch + 1
+                self._update_members = members
+                return
+            self._post_each(opened, "/end_weight_update")  # a server died: start again without it
+        raise WeightSyncError("no rollout server is up for the weight update: " + ", ".join(self._describe()))
 
     async def _await_restarts(self) -> None:
-        """Wait (up to the startup timeout) for servers being restarted, so that the
-        update includes them instead of leaving them a version behind."""
+        """Wait (up to the startup timeout) for servers being restarted."""
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while time.monotonic() < deadline and any(s.recovering is not None and not s.needs_weights for s in self._servers):
             await asyncio.sleep(0.1)
 
     def end_weight_update(self, version: str) -> None:
-        members = self._update_members
-        self._post_each(members, "/end_weight_update")
-        self._post_each(members, "/flush_cache")
+        members = self._post_each(self._update_members, "/end_weight_update")
+        members = self._post_each(members, "/flush_cache")
         self.weight_version = str(version)
+        self._update_members = []
 
         async def serve_waiting():
             for s in members:
@@ -526,6 +540,26 @@ class SGLangEngine(RolloutEngine):
                     self._serve(s)
 
         self._run(serve_waiting())
+
+    def abort_weight_update(self) -> None:
+        """A stage could not send (a server died mid-update): close the sessions, recover
+        the servers that stopped answering; the next update forms a new group."""
+        members, self._update_members = self._update_members, []
+        self._group_key = None
+
+        async def go():
+            codes = await asyncio.gather(*(s.client.status("/health_generate", timeout_s=self.cfg.health_check_timeout_s)
+                                           for s in members))
+            for s, code in zip(members, codes):
+                if code != 200:
+                    self._mark_failed(s, f"lost during a weight update (/health_generate: {code or 'no answer'})")
+            return [s for s, code in zip(members, codes) if code == 200]
+
+        alive = self._run(go())
+        try:
+            self._post_each(alive, "/end_weight_update")
+        except WeightSyncError:
+            pass  # a session the server already closed
 
     def weight_sync_target(self, stage: int = 0) -> HttpWeightSyncTarget:
         """What the trainer rank of pipeline stage ``stage`` needs to send its weights to
@@ -550,15 +584,13 @@ class SGLangEngine(RolloutEngine):
     # -- memory, health, close -----------------------------------------------------
 
     def release_memory(self) -> None:
-        serving = [s for s in self._servers if not s.down]
-        self._post_each(serving, "/release_memory_occupation")
-        for s in serving:
+        for s in self._post_each([s for s in self._servers if not s.down], "/release_memory_occupation"):
             s.released = True
 
     def resume_memory(self) -> None:
         released = [s for s in self._servers if s.released]
         self._post_each(released, "/resume_memory_occupation")
-        for s in released:
+        for s in released:  # a server restarted meanwhile holds its memory anyway
             s.released = False
 
     def healthy(self) -> bool:

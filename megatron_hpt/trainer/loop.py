@@ -27,7 +27,7 @@ import torch.distributed as dist
 from megatron_hpt.config import dump_yaml
 from megatron_hpt.data.types import TrainBatch
 from megatron_hpt.parallel import ParallelState, destroy_parallel, init_parallel
-from megatron_hpt.rollout import RolloutError, WeightsNeeded
+from megatron_hpt.rollout import RolloutError, WeightsNeeded, WeightSyncError
 from megatron_hpt.trainer.config import RunConfig
 from megatron_hpt.trainer.rows import build_rows, row_policy_for
 from megatron_hpt.training.batching import balanced_split, minibatch_split
@@ -83,6 +83,14 @@ def _broadcast(obj: Any) -> Any:
     return buf[0]
 
 
+def _all_gather(obj: Any) -> list[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class Trainer:
     """One run: set up the stages, then ``run()`` the loop."""
 
@@ -106,6 +114,17 @@ class Trainer:
         from megatron_hpt.models import load_hf_config
 
         self.hf_config = load_hf_config(cfg.model.hf_path)
+        # The rollout servers start before the policy takes GPU memory: colocated SGLang
+        # sizes its memory pool from what is free when it starts.
+        self.world = None
+        if self.is_rank0:
+            from megatron_hpt.trainer.world import OutsideWorld
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, self.run_dir / "config.yaml")
+            self.world = OutsideWorld(cfg, self.run_dir)
+        if dist.is_initialized():
+            dist.barrier()
         self.policy = MegatronPolicy(
             self.hf_config,
             cfg.model,
@@ -115,13 +134,6 @@ class Trainer:
         )
         self._load_initial_weights(self.policy.module)
         self.reference = self._make_reference()
-        self.world = None
-        if self.is_rank0:
-            from megatron_hpt.trainer.world import OutsideWorld
-
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_yaml(cfg, self.run_dir / "config.yaml")
-            self.world = OutsideWorld(cfg, self.run_dir)
         resumed = self._maybe_resume() if resume else False
         if self.is_rank0:
             self.world.logger.truncate_after(self.step)
@@ -232,11 +244,11 @@ class Trainer:
                     payload = (rows.batch, metrics)
                     if self.cfg.rollout.colocated:  # the training step needs the servers' GPU memory
                         self.world.engine.release_memory()
-                        self._rollout_memory_released = True
                 except WeightsNeeded as e:
                     print(f"step {self.step + 1}: {e}; pushing the weights again", flush=True)
             payload = _broadcast(payload)
             if payload is not None:
+                self._rollout_memory_released = self.cfg.rollout.colocated
                 return payload
             self._sync_weights()
         raise RolloutError(f"step {self.step + 1}: the rollout servers still lack the current weights after "
@@ -314,8 +326,13 @@ class Trainer:
         """Push the policy's weights to the rollout servers (version = the step)."""
         version = str(self.step)
         self._num_syncs += 1
-        if self.is_rank0 and self._rollout_memory_released:
-            self.world.engine.resume_memory()  # the update writes into the servers' weights
+        if self._rollout_memory_released:  # the update writes into the servers' weights
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # every rank hands its cached blocks back first
+            if dist.is_initialized():
+                dist.barrier()
+            if self.is_rank0:
+                self.world.engine.resume_memory()
             self._rollout_memory_released = False
         if self.cfg.rollout.weight_sync == "distributed":
             self._sync_weights_distributed(version)
@@ -346,25 +363,42 @@ class Trainer:
     def _sync_weights_distributed(self, version: str) -> None:
         """Each pipeline stage broadcasts its own layers to the servers over a weight-update
         process group (NCCL on GPUs, gloo on CPU), in size-bounded buckets; no disk. A new
-        target (servers restarted since the last update) gets a new group."""
-        targets = None
-        if self.is_rank0:
-            self.world.engine.begin_weight_update()
-            targets = [self.world.engine.weight_sync_target(stage) for stage in range(self.st.pp_size)]
-        targets = _broadcast(targets)
+        target (servers restarted since the last update) gets a new group; an update that a
+        dying server broke is tried again without it (it gets the weights once restarted)."""
+        named = None
         if self.st.dp_rank == 0:
             full = gather_stage_full_layout(self.policy.module, self.st)
             if self.st.tp_rank == 0:
-                target = targets[self.st.pp_rank]
-                if self._weight_target != target:
-                    if self._weight_sender is not None:
-                        self._weight_sender.close()
-                    self._weight_sender, self._weight_target = target.open_sender(), target
-                self._weight_sender.send(full_layout_stage_to_hf(full, self.hf_config).items(), version)
-        if dist.is_initialized():
-            dist.barrier()
-        if self.is_rank0:
-            self.world.engine.end_weight_update(version)
+                named = full_layout_stage_to_hf(full, self.hf_config)
+        for _ in range(self.cfg.rollout.max_retries + 1):
+            targets = None
+            if self.is_rank0:
+                self.world.engine.begin_weight_update()
+                targets = [self.world.engine.weight_sync_target(stage) for stage in range(self.st.pp_size)]
+            targets = _broadcast(targets)
+            error = self._send_weights(targets[self.st.pp_rank], named, version) if named is not None else None
+            errors = [e for e in _all_gather(error) if e]
+            if not errors:
+                if self.is_rank0:
+                    self.world.engine.end_weight_update(version)
+                return
+            if self.is_rank0:
+                print(f"weight update {version} failed, trying again: {errors[0]}", flush=True)
+                self.world.engine.abort_weight_update()
+        raise WeightSyncError(f"weight update {version} failed {self.cfg.rollout.max_retries + 1} times: {errors[0]}")
+
+    def _send_weights(self, target, named: dict, version: str) -> str | None:
+        """This stage's send; the error message when it failed (every rank must agree first)."""
+        try:
+            if self._weight_target != target:
+                if self._weight_sender is not None:
+                    self._weight_sender.close()
+                self._weight_sender, self._weight_target = target.open_sender(), target
+            self._weight_sender.send(named.items(), version)
+            return None
+        except WeightSyncError as e:
+            self._weight_target = None  # the group is broken: the next try opens a new one
+            return str(e)
 
     def close(self) -> None:
         destroy_parallel()

@@ -77,7 +77,12 @@ def test_bad_prompts_are_refused_before_anything_is_sent(own_engine, contract):
         own_engine.generate([[1] * 1000], 1, SamplingParams(max_new_tokens=100), seed=0)
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         own_engine.generate([[]], 1, SamplingParams(max_new_tokens=4), seed=0)
+    for n in (0, 1025, 200000, True, 2.0):
+        with pytest.raises(ValueError, match=rf"n must be an integer in \[1, rollout.max_n=1024\], got {n!r}"):
+            own_engine.generate([[1, 2]], n, SamplingParams(max_new_tokens=4), seed=0)
     assert contract.requests_seen == sent
+    with pytest.raises(ValueError, match="rollout.n=32 is above rollout.max_n=16"):
+        RolloutConfig(n=32, max_n=16)
 
 
 def test_weight_sync_from_disk(own_engine, hf_model, tiny_model_dir, tmp_path):
