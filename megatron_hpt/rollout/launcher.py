@@ -107,13 +107,6 @@ def reserve_port(host: str = "127.0.0.1", preferred: int | None = None) -> PortR
     return PortReservation(host, 0)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (not held: prefer reserve_port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 # -- HTTP probes (standard library: used before the engine's client exists) -------
 
 
