@@ -137,12 +137,12 @@ hpt_http_get() {
   ) 2>/dev/null
 }
 
-# hpt_server_state URL: "ready" (this job's launch token in /get_server_info and
+# hpt_server_state URL: "ready" (this job's launch token in /server_info and
 # /health_generate 200), "starting" (nothing answers yet, or 5xx) or "foreign" (another
 # server answers on the port: another job's, or one that refuses this job's key).
 hpt_server_state() {
   local reply status
-  reply=$(hpt_http_get "$1" /get_server_info) || { echo starting; return 0; }
+  reply=$(hpt_http_get "$1" /server_info) || { echo starting; return 0; }
   read -r _ status _ <<<"$reply"
   if [[ $status == 5* ]]; then
     echo starting

@@ -3,9 +3,9 @@ and ``sglang.launch_server`` (TP/DP per server, several servers), each in its ow
 process group with its output in a log file.
 
 Each launch is identified: it gets a fresh token (our server: ``--launch-token``,
-reported by /get_server_info as ``launch_token``; SGLang: ``--served-model-name``,
-reported there as ``served_model_name``), and a server is ready only when /get_server_info
-shows that token and /health_generate answers 200. Anything else answering on the port
+reported by /server_info as ``launch_token``; SGLang: ``--served-model-name``, reported
+there as ``served_model_name``), and a server is ready only when /server_info shows that
+token and /health_generate answers 200. Anything else answering on the port
 (another run's server) is refused. The port stays bound here (SO_REUSEADDR, not
 listening: the server can still bind it, nobody is handed it) until the server is ready.
 
@@ -132,7 +132,7 @@ def http_status(url: str, timeout: float = 5.0) -> int | None:
 
 
 def launch_token_of(info: object) -> str | None:
-    """The launch token a /get_server_info reply carries (ours: launch_token; SGLang:
+    """The launch token a /server_info reply carries (ours: launch_token; SGLang:
     served_model_name, which the launcher sets to the token)."""
     if not isinstance(info, dict):
         return None
@@ -142,8 +142,8 @@ def launch_token_of(info: object) -> str | None:
 
 def identify(url: str, token: str, api_key: str | None, timeout: float = 30.0) -> str | None:
     """None while nothing answers (or the server is still starting: 5xx), "ours" when
-    /get_server_info shows ``token``, else why the answering server is not ours."""
-    status, info = http_get(url + "/get_server_info", auth_headers(api_key), timeout=timeout)
+    /server_info shows ``token``, else why the answering server is not ours."""
+    status, info = http_get(url + "/server_info", auth_headers(api_key), timeout=timeout)
     if status is None or status >= 500:
         return None
     if status == 200 and launch_token_of(info) == token:
@@ -151,7 +151,7 @@ def identify(url: str, token: str, api_key: str | None, timeout: float = 30.0) -
     if status in (401, 403):
         return f"it refused our API key ({status})"
     if status != 200:
-        return f"it answered /get_server_info with {status}"
+        return f"it answered /server_info with {status}"
     return f"its launch token is {launch_token_of(info)!r}, not this launch's"
 
 

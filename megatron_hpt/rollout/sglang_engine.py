@@ -413,17 +413,18 @@ class SGLangEngine(RolloutEngine):
         return True
 
     async def _reported_version(self, server: _Server) -> str:
-        info = await server.client.get("/get_model_info")
+        info = await server.client.get("/model_info")
         if not isinstance(info, dict) or not isinstance(info.get("weight_version"), str):
-            raise RolloutError(f"{server.client.url}/get_model_info has no weight_version: {str(info)[:200]}")
+            raise RolloutError(f"{server.client.url}/model_info has no weight_version: {str(info)[:200]}")
         return info["weight_version"]
 
     async def _bring_to_current_version(self, server: _Server) -> None:
         """Serve once the server holds ``self.weight_version``: as it is, by reloading the
         last disk update, or (distributed sync) after the next update includes it."""
-        while True:
+        for _ in range(3):  # an update may complete meanwhile: then reload the newer one
             current = self.weight_version
-            if await self._reported_version(server) == current:
+            reported = await self._reported_version(server)
+            if reported == current:
                 self._serve(server)
                 return
             disk = self._last_disk_weights
@@ -435,6 +436,7 @@ class SGLangEngine(RolloutEngine):
             if not (isinstance(reply, dict) and reply.get("success")):
                 raise RolloutError(f"{server.client.url} did not reload {disk['model_path']}: {reply}")
             await server.client.post("/flush_cache")
+        raise RolloutError(f"{server.client.url} reports weight version {reported!r} after reloading {current!r}")
 
     # -- weights -------------------------------------------------------------------
 

@@ -168,18 +168,18 @@ def test_training_scripts_refuse_to_run_outside_a_job(script, tmp_path):
 
 
 class _InfoServer(http.server.ThreadingHTTPServer):
-    """Answers /get_server_info (with ``token`` in it, 401 without the key) and /health_generate."""
+    """Answers /server_info (with ``token`` in it, 401 without the key) and /health_generate."""
 
     def __init__(self, token: str, key: str):
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                if self.path == "/get_server_info" and self.headers.get("Authorization") != f"Bearer {key}":
+                if self.path == "/server_info" and self.headers.get("Authorization") != f"Bearer {key}":
                     self.send_response(401)
                     self.end_headers()
                     return
-                body = json.dumps({"launch_token": outer.token}).encode() if self.path == "/get_server_info" else b""
+                body = json.dumps({"launch_token": outer.token}).encode() if self.path == "/server_info" else b""
                 self.send_response(200)
                 self.end_headers()
                 self.wfile.write(body)

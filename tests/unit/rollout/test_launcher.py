@@ -32,13 +32,13 @@ from rollout_testlib import get, own_engine_config
 
 class StubServer:
     """Something else listening on a port: answers /health_generate 200 and
-    /get_server_info with the given status and body."""
+    /server_info with the given status and body."""
 
     def __init__(self, port: int, status: int, info: dict):
         self.loop = asyncio.new_event_loop()
         app = web.Application()
         app.router.add_get("/health_generate", lambda r: web.Response(status=200))
-        app.router.add_get("/get_server_info", lambda r: web.json_response(info, status=status))
+        app.router.add_get("/server_info", lambda r: web.json_response(info, status=status))
         self.runner = web.AppRunner(app)
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         self._run(self.runner.setup())
