@@ -188,8 +188,12 @@ def train_args(recipe: str, output_dir: str, overrides: list[str], world_size: i
     ]
 
 
-def rollout_servers_task(cluster: ClusterSettings, *, model: str, server: str, tp: int, base_port: int) -> run.Script:
-    """One rollout server per task, the same per-task script the sbatch launchers use."""
+def rollout_servers_task(
+    cluster: ClusterSettings, *, model: str, server: str, tp: int, base_port: int, key_file: str, weight_dir: str
+) -> run.Script:
+    """One rollout server per task, the same per-task script the sbatch launchers use; they
+    listen on every interface with the API key the trainer task writes to ``key_file``, and
+    load new weights only from ``weight_dir`` (where the trainer writes its disk syncs)."""
     return run.Script(
         path=f"{cluster.repo_root()}/{ROLLOUT_SERVER_SCRIPT}",
         entrypoint="bash",
@@ -199,6 +203,10 @@ def rollout_servers_task(cluster: ClusterSettings, *, model: str, server: str, t
             "ROLLOUT_TP": str(tp),
             "ROLLOUT_BASE_PORT": str(base_port),
             "ROLLOUT_DEVICE": "cuda" if cluster.gpus_per_node else "cpu",
+            "ROLLOUT_HOST": "0.0.0.0",
+            "ROLLOUT_API_KEY_FILE": key_file,
+            "ROLLOUT_WEIGHT_DIR": weight_dir,
+            "GPUS_PER_NODE": str(cluster.gpus_per_node),
             "HPT_PYTHON": cluster.python,
             "SGLANG_PYTHON": "/opt/sglang/bin/python" if cluster.image else cluster.python,
         },
@@ -211,12 +219,19 @@ def trainer_with_servers_task(
     *,
     servers_per_node: int,
     base_port: int,
+    key_file: str,
     startup_timeout_s: int = 900,
 ) -> run.Script:
     """The trainer in het group 1 of a heterogeneous job whose group 0 runs rollout
-    servers: it derives the servers' URLs from group 0's nodes, waits for their
-    /health, then starts torchrun over its own nodes, attached to the servers."""
-    prelude = f"""urls=()
+    servers: it writes the servers' API key (once per run, readable by its owner only),
+    derives their URLs from group 0's nodes, waits for their /health, then starts
+    torchrun over its own nodes, attached to the servers."""
+    prelude = f"""key_file={key_file}
+if [[ ! -s $key_file ]]; then
+  mkdir -p "$(dirname "$key_file")"
+  (umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \\n' >"$key_file.tmp" && mv "$key_file.tmp" "$key_file")
+fi
+urls=()
 for node in $(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_0"); do
   addr=$(scontrol show node "$node" -o | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p')
   for ((i = 0; i < {servers_per_node}; i++)); do urls+=("http://${{addr:-$node}}:$(({base_port} + i))"); done
@@ -228,7 +243,7 @@ for url in "${{urls[@]}}"; do
     sleep 5
   done
 done
-extra+=(rollout.engine=attach "rollout.urls=[$(IFS=,; echo "${{urls[*]}}")]")
+extra+=(rollout.engine=attach "rollout.urls=[$(IFS=,; echo "${{urls[*]}}")]" rollout.colocated=false "rollout.api_key=file:$key_file")
 """
     return torchrun_script_task(cluster, cli_args, nodes_var="SLURM_JOB_NODELIST_HET_GROUP_1", prelude=prelude)
 
@@ -272,11 +287,15 @@ def train_job(cluster: ClusterSettings, args: argparse.Namespace) -> Job:
     servers.ntasks_per_node = servers_per_node
     trainer = slurm_executor(cluster, nodes=cluster.nodes, launcher=None, requeue=True, heterogeneous=True)
     cli_args = train_args(args.recipe, output_dir, args.overrides, cluster.nodes * cluster.trainer_ranks())
+    key_file = f"{output_dir}/.rollout-api-key"
     return Job(
         name="hpt-train-mn",
         tasks=[
-            rollout_servers_task(cluster, model=args.rollout_model, server=args.rollout_server, tp=args.rollout_tp, base_port=args.rollout_base_port),
-            trainer_with_servers_task(cluster, cli_args, servers_per_node=servers_per_node, base_port=args.rollout_base_port),
+            rollout_servers_task(cluster, model=args.rollout_model, server=args.rollout_server, tp=args.rollout_tp,
+                                 base_port=args.rollout_base_port, key_file=key_file,
+                                 weight_dir=f"{output_dir}/weights_sync"),
+            trainer_with_servers_task(cluster, cli_args, servers_per_node=servers_per_node, base_port=args.rollout_base_port,
+                                      key_file=key_file),
         ],
         executors=[servers, trainer],
     )

@@ -72,25 +72,47 @@ hpt_container_args() {
   return 0
 }
 
-# hpt_start_rollout_servers NODES OFFSET: start SERVERS_PER_NODE rollout servers on
-# each of the comma-separated NODES, the first on accelerator OFFSET. Sets
-# HPT_SERVER_PID (the srun in the background) and HPT_ROLLOUT_URLS ([u1,u2,...]).
+# hpt_new_secret: 32 random bytes as hex (API keys, launch tokens).
+hpt_new_secret() { od -An -tx1 -N32 /dev/urandom | tr -d ' \n'; }
+
+# hpt_start_rollout_servers NODES OFFSET REMOTE: start SERVERS_PER_NODE rollout servers
+# on each of the comma-separated NODES, the first on accelerator OFFSET. REMOTE=1: the
+# trainer runs on other nodes, so the servers listen on every interface and need an API
+# key (ROLLOUT_API_KEY, else a new one for this job); REMOTE=0: loopback only (a key
+# only when ROLLOUT_API_KEY is given). Every server gets this job's launch token. Sets
+# HPT_SERVER_PID (the srun in the background), HPT_ROLLOUT_URLS ([u1,u2,...]) and
+# HPT_ROLLOUT_ATTACH (the trainer's rollout overrides).
 hpt_start_rollout_servers() {
-  local nodes=$1 offset=$2 node i addr urls=() nnodes
+  local nodes=$1 offset=$2 remote=$3 node i addr urls=() nnodes
   nnodes=$(tr ',' '\n' <<<"$nodes" | wc -l)
-  # What rollout_server.sh reads, in the step's environment (srun passes ours on).
+  HPT_ROLLOUT_API_KEY=${ROLLOUT_API_KEY:-}
+  if ((remote)); then
+    ROLLOUT_HOST=0.0.0.0
+    HPT_ROLLOUT_API_KEY=${HPT_ROLLOUT_API_KEY:-$(hpt_new_secret)}
+  else
+    ROLLOUT_HOST=127.0.0.1
+  fi
+  HPT_ROLLOUT_LAUNCH_TOKEN=$(hpt_new_secret)
+  ROLLOUT_WEIGHT_DIR=${ROLLOUT_WEIGHT_DIR:-$OUTPUT_DIR/weights_sync}  # where the trainer writes disk syncs
+  # What rollout_server.sh reads, in the step's environment (srun passes ours on; the
+  # trainer's ranks read the key from HPT_ROLLOUT_API_KEY: rollout.api_key=env:...).
   export ROLLOUT_SERVER ROLLOUT_MODEL ROLLOUT_TP ROLLOUT_BASE_PORT ROLLOUT_DEVICE ROLLOUT_SERVER_ARGS HPT_PYTHON SGLANG_PYTHON
+  export ROLLOUT_HOST ROLLOUT_MEM_FRACTION GPUS_PER_NODE HPT_ROLLOUT_API_KEY HPT_ROLLOUT_LAUNCH_TOKEN ROLLOUT_WEIGHT_DIR
   local -a cmd=(srun --nodes="$nnodes" --ntasks="$((nnodes * SERVERS_PER_NODE))" --nodelist="$nodes"
     --ntasks-per-node="$SERVERS_PER_NODE" --job-name=hpt-rollout --overlap --kill-on-bad-exit=0
     "${HPT_CONTAINER_ARGS[@]}"
     env HPT_ROLLOUT_GPU_OFFSET="$offset" bash "$HPT_STEP_LAUNCH_DIR/rollout_server.sh")
   for node in ${nodes//,/ }; do
-    addr=$(hpt_node_addr "$node")
+    addr=127.0.0.1
+    ((remote)) && addr=$(hpt_node_addr "$node")
     for ((i = 0; i < SERVERS_PER_NODE; i++)); do
       urls+=("http://$addr:$((ROLLOUT_BASE_PORT + i))")
     done
   done
   HPT_ROLLOUT_URLS="[$(IFS=,; echo "${urls[*]}")]"
+  # Servers on GPUs of their own: nothing to release for the training step.
+  HPT_ROLLOUT_ATTACH=(rollout.engine=attach "rollout.urls=$HPT_ROLLOUT_URLS" rollout.colocated=false)
+  [[ -n $HPT_ROLLOUT_API_KEY ]] && HPT_ROLLOUT_ATTACH+=(rollout.api_key=env:HPT_ROLLOUT_API_KEY)
   hpt_log "rollout servers ($ROLLOUT_SERVER, $SERVERS_PER_NODE per node on $nodes): $HPT_ROLLOUT_URLS"
   hpt_show_cmd "${cmd[@]}"
   if [[ ${HPT_DRY_RUN:-0} == 1 ]]; then
@@ -102,32 +124,55 @@ hpt_start_rollout_servers() {
   hpt_wait_healthy "${urls[@]}"
 }
 
-# hpt_http_ok URL: GET URL/health answers 200 (bash's /dev/tcp: no curl or Python
-# needed on the node running the batch script).
-hpt_http_ok() {
-  local hostport=${1#http://} code
+# hpt_http_get URL PATH: the whole answer (status line, headers, body) to GET PATH with
+# the job's API key (bash's /dev/tcp: no curl or Python needed on the batch node);
+# fails when nothing answers.
+hpt_http_get() {
+  local hostport=${1#http://} auth=
+  [[ -n ${HPT_ROLLOUT_API_KEY:-} ]] && auth="Authorization: Bearer $HPT_ROLLOUT_API_KEY"$'\r\n'
   (
     exec 3<>"/dev/tcp/${hostport%:*}/${hostport##*:}" || exit 1
-    printf 'GET /health HTTP/1.0\r\nHost: %s\r\n\r\n' "${hostport%:*}" >&3
-    read -r -t 10 _ code _ <&3 || exit 1
-    [[ $code == 200 ]]
+    printf 'GET %s HTTP/1.0\r\nHost: %s\r\n%s\r\n' "$2" "${hostport%:*}" "$auth" >&3
+    IFS= read -r -d '' -t 30 reply <&3 || [[ -n $reply ]] || exit 1
+    printf '%s' "$reply"
   ) 2>/dev/null
 }
 
-# hpt_wait_healthy URL...: wait until every server answers GET /health with 200,
-# failing early when the server step dies or ROLLOUT_STARTUP_TIMEOUT_S passes.
+# hpt_server_state URL: "ready" (this job's launch token in /server_info and
+# /health_generate 200), "starting" (nothing answers yet, or 5xx) or "foreign" (another
+# server answers on the port: another job's, or one that refuses this job's key).
+hpt_server_state() {
+  local reply status
+  reply=$(hpt_http_get "$1" /server_info) || { echo starting; return 0; }
+  read -r _ status _ <<<"$reply"
+  if [[ $status == 5* ]]; then
+    echo starting
+  elif [[ $status != 200 || $reply != *"$HPT_ROLLOUT_LAUNCH_TOKEN"* ]]; then
+    echo foreign
+  else
+    reply=$(hpt_http_get "$1" /health_generate) || { echo starting; return 0; }
+    read -r _ status _ <<<"$reply"
+    if [[ $status == 200 ]]; then echo ready; else echo starting; fi
+  fi
+}
+
+# hpt_wait_healthy URL...: wait until every server is this job's and healthy, failing
+# at once on a foreign server, early when the server step dies, or after
+# ROLLOUT_STARTUP_TIMEOUT_S.
 hpt_wait_healthy() {
-  local deadline=$((SECONDS + ${ROLLOUT_STARTUP_TIMEOUT_S:-600})) url pending
+  local deadline=$((SECONDS + ${ROLLOUT_STARTUP_TIMEOUT_S:-600})) url pending state
   while :; do
     pending=()
     for url in "$@"; do
-      hpt_http_ok "$url" || pending+=("$url")
+      state=$(hpt_server_state "$url")
+      [[ $state == foreign ]] && hpt_die "another server answers at $url (not this job's: wrong launch token or API key); refusing it"
+      [[ $state == ready ]] || pending+=("$url")
     done
     ((${#pending[@]} == 0)) && { hpt_log "rollout servers are up"; return 0; }
     if [[ -n ${HPT_SERVER_PID:-} ]] && ! kill -0 "$HPT_SERVER_PID" 2>/dev/null; then
       hpt_die "the rollout server step exited before ${pending[*]} answered /health"
     fi
-    ((SECONDS < deadline)) || hpt_die "rollout servers ${pending[*]} not healthy after ${ROLLOUT_STARTUP_TIMEOUT_S:-600} s"
+    ((SECONDS < deadline)) || hpt_die "rollout servers ${pending[*]} not ready after ${ROLLOUT_STARTUP_TIMEOUT_S:-600} s"
     ((HPT_PREEMPTED)) && return 0
     sleep 1
   done

@@ -10,12 +10,22 @@ The trainer's entry point::
 """
 
 from megatron_hpt.rollout.config import RolloutConfig
-from megatron_hpt.rollout.engine import Completion, RolloutEngine, SamplingParams
+from megatron_hpt.rollout.engine import (
+    Completion,
+    RolloutEngine,
+    RolloutError,
+    SamplingParams,
+    StaleSamples,
+    WeightSender,
+    WeightsNeeded,
+    WeightSyncError,
+    WeightSyncTarget,
+    count_stale,
+)
 from megatron_hpt.rollout.sglang_engine import (
     DistributedWeightSender,
-    RolloutError,
+    HttpWeightSyncTarget,
     SGLangEngine,
-    WeightSyncTarget,
     create_rollout_engine,
     sample_seed,
 )
@@ -23,12 +33,18 @@ from megatron_hpt.rollout.sglang_engine import (
 __all__ = [
     "Completion",
     "DistributedWeightSender",
+    "HttpWeightSyncTarget",
     "RolloutConfig",
     "RolloutEngine",
     "RolloutError",
     "SGLangEngine",
     "SamplingParams",
+    "StaleSamples",
+    "WeightSender",
+    "WeightSyncError",
     "WeightSyncTarget",
+    "WeightsNeeded",
+    "count_stale",
     "create_rollout_engine",
     "sample_seed",
 ]

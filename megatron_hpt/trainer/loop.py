@@ -14,6 +14,7 @@ so the step's rows are broadcast from rank 0. One step reads like the paper:
 
 from __future__ import annotations
 
+import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from megatron_hpt.config import dump_yaml
 from megatron_hpt.data.types import TrainBatch
 from megatron_hpt.parallel import ParallelState, collective_device, destroy_parallel, init_parallel
+from megatron_hpt.rollout import RolloutError, WeightsNeeded, WeightSyncError
 from megatron_hpt.trainer.config import RunConfig
 from megatron_hpt.trainer.rows import build_rows, group_plan, row_policy_for
 from megatron_hpt.trainer.run_dir import read_run_id
@@ -83,6 +85,14 @@ def _broadcast(obj: Any) -> Any:
     return buf[0]
 
 
+def _all_gather(obj: Any) -> list[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class Trainer:
     """One run: set up the stages, then ``run()`` the loop."""
 
@@ -102,10 +112,26 @@ class Trainer:
         self.sync_dir = self.run_dir / "weights_sync"
         self._weight_sender = None
         self.run_id = _broadcast(read_run_id(self.run_dir) if self.is_rank0 else None)
+        self._weight_target = None
+        self._num_syncs = 0
+        self.weights_version: str | None = None
+        """The version the trainer last pushed (None: the servers' launch weights)."""
+        self._rollout_memory_released = False
 
         from megatron_hpt.models import load_hf_config
 
         self.hf_config = load_hf_config(cfg.model.hf_path)
+        # The rollout servers start before the policy takes GPU memory: colocated SGLang
+        # sizes its memory pool from what is free when it starts.
+        self.world = None
+        if self.is_rank0:
+            from megatron_hpt.trainer.world import OutsideWorld
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, self.run_dir / "config.yaml")
+            self.world = OutsideWorld(cfg, self.run_dir)
+        if dist.is_initialized():
+            dist.barrier()
         self.policy = MegatronPolicy(
             self.hf_config,
             cfg.model,
@@ -115,13 +141,6 @@ class Trainer:
         )
         self._load_initial_weights(self.policy.module)
         self.reference = self._make_reference()
-        self.world = None
-        if self.is_rank0:
-            from megatron_hpt.trainer.world import OutsideWorld
-
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_yaml(cfg, self.run_dir / "config.yaml")
-            self.world = OutsideWorld(cfg, self.run_dir)
         resumed = self._maybe_resume() if resume else False
         if self.is_rank0:
             self.world.logger.truncate_after(self.step)
@@ -196,7 +215,7 @@ class Trainer:
         finally:
             if self._weight_sender is not None:
                 self._weight_sender.close()
-                self._weight_sender = None
+                self._weight_sender = self._weight_target = None
             if self.is_rank0 and self.world is not None:
                 self.world.close()
         return last
@@ -211,20 +230,38 @@ class Trainer:
         cfg = self.cfg
         timer = Timer()
         step_start = time.perf_counter()
-        payload = None
-        if self.is_rank0:
-            samples, metrics = self.world.rollout_and_score(self.step, timer)
-            rows = build_rows(samples, self.loss_config, cfg.algorithm.switch, self.row_policy)
-            metrics.update(rows.metrics)
-            if cfg.algorithm.switch.remove_sfted_data and self.row_policy == "switch":
-                self.world.remove_prompts(rows.sft_groups)
-            payload = (rows.batch, metrics)
-        batch, metrics = _broadcast(payload)
+        batch, metrics = self._rollout_batch(timer)
         metrics.update(self._train_on(batch, timer))
         metrics["perf/step_tokens"] = float(sum(r.num_tokens for r in batch.rows))
         metrics["train/optimizer_steps"] = float(self.policy.optimizer_steps)
         metrics["train/skipped_steps_total"] = float(self.policy.skipped_steps)
         return metrics, timer, step_start
+
+    def _rollout_batch(self, timer: Timer) -> tuple[TrainBatch, dict[str, float]]:
+        """Rank 0's rollouts and rows, on every rank. When the rollout servers lost the
+        current weights (restarted, distributed sync), every rank pushes them again first."""
+        for _ in range(self.cfg.rollout.max_retries + 1):
+            payload = None
+            if self.is_rank0:
+                try:
+                    expected = self.weights_version or self.world.engine.weight_version
+                    samples, metrics = self.world.rollout_and_score(self.step, timer, expected)
+                    rows = build_rows(samples, self.loss_config, self.cfg.algorithm.switch, self.row_policy)
+                    metrics.update(rows.metrics)
+                    if self.cfg.algorithm.switch.remove_sfted_data and self.row_policy == "switch":
+                        self.world.remove_prompts(rows.sft_groups)
+                    payload = (rows.batch, metrics)
+                    if self.cfg.rollout.colocated:  # the training step needs the servers' GPU memory
+                        self.world.engine.release_memory()
+                except WeightsNeeded as e:
+                    print(f"step {self.step + 1}: {e}; pushing the weights again", flush=True)
+            payload = _broadcast(payload)
+            if payload is not None:
+                self._rollout_memory_released = self.cfg.rollout.colocated
+                return payload
+            self._sync_weights()
+        raise RolloutError(f"step {self.step + 1}: the rollout servers still lack the current weights after "
+                           f"{self.cfg.rollout.max_retries + 1} weight pushes")
 
     @staticmethod
     def _step_perf(metrics: dict[str, float], timer: Timer, step_start: float) -> dict[str, float]:
@@ -304,34 +341,81 @@ class Trainer:
 
     def _sync_weights(self) -> None:
         """Push the policy's weights to the rollout servers (version = the step)."""
+        version = str(self.step)
+        self._num_syncs += 1
+        if self._rollout_memory_released:  # the update writes into the servers' weights
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # every rank hands its cached blocks back first
+            if dist.is_initialized():
+                dist.barrier()
+            if self.is_rank0:
+                self.world.engine.resume_memory()
+            self._rollout_memory_released = False
         if self.cfg.rollout.weight_sync == "distributed":
-            self._sync_weights_distributed()
-            return
-        write_hf_checkpoint(self.policy.module, self.st, self.hf_config, self.sync_dir, self.cfg.model.hf_path)
-        if self.is_rank0:
-            self.world.engine.update_weights_from_disk(str(self.sync_dir.resolve()), version=str(self.step))
+            self._sync_weights_distributed(version)
+        else:
+            self._sync_weights_disk(version)
+        self.weights_version = version
 
-    def _sync_weights_distributed(self) -> None:
+    def _sync_weights_disk(self, version: str) -> None:
+        """A new folder per update, complete before the servers are told about it (a
+        server restarted later reloads it); older folders go once it is loaded."""
+        folder = self.sync_dir / f"v{self._num_syncs:06d}-step{self.step}"
+        partial = folder.with_name(folder.name + ".partial")
+        if self.is_rank0:  # leftovers of an earlier process of this run
+            for stale in (partial, folder):
+                shutil.rmtree(stale, ignore_errors=True)
+        write_hf_checkpoint(self.policy.module, self.st, self.hf_config, partial, self.cfg.model.hf_path)
+        if self.is_rank0:
+            partial.rename(folder)
+            self.world.engine.update_weights_from_disk(str(folder.resolve()), version=version)
+            for old in self.sync_dir.iterdir():
+                if old == folder:
+                    continue
+                if old.is_dir():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink()
+
+    def _sync_weights_distributed(self, version: str) -> None:
         """Each pipeline stage broadcasts its own layers to the servers over a weight-update
-        process group (NCCL on GPUs, gloo on CPU), in size-bounded buckets; no disk."""
-        from megatron_hpt.rollout import DistributedWeightSender
-
-        targets = None
-        if self.is_rank0:
-            self.world.engine.begin_weight_update()
-            targets = [self.world.engine.weight_sync_target(stage) for stage in range(self.st.pp_size)]
-        targets = _broadcast(targets)
+        process group (NCCL on GPUs, gloo on CPU), in size-bounded buckets; no disk. A new
+        target (servers restarted since the last update) gets a new group; an update that a
+        dying server broke is tried again without it (it gets the weights once restarted)."""
+        named = None
         if self.st.dp_rank == 0:
             full = gather_stage_full_layout(self.policy.module, self.st)
             if self.st.tp_rank == 0:
-                if self._weight_sender is None:
-                    self._weight_sender = DistributedWeightSender(targets[self.st.pp_rank])
-                    self._weight_sender.open()
-                self._weight_sender.send(full_layout_stage_to_hf(full, self.hf_config).items(), str(self.step))
-        if dist.is_initialized():
-            dist.barrier()
-        if self.is_rank0:
-            self.world.engine.end_weight_update()
+                named = full_layout_stage_to_hf(full, self.hf_config)
+        for _ in range(self.cfg.rollout.max_retries + 1):
+            targets = None
+            if self.is_rank0:
+                self.world.engine.begin_weight_update()
+                targets = [self.world.engine.weight_sync_target(stage) for stage in range(self.st.pp_size)]
+            targets = _broadcast(targets)
+            error = self._send_weights(targets[self.st.pp_rank], named, version) if named is not None else None
+            errors = [e for e in _all_gather(error) if e]
+            if not errors:
+                if self.is_rank0:
+                    self.world.engine.end_weight_update(version)
+                return
+            if self.is_rank0:
+                print(f"weight update {version} failed, trying again: {errors[0]}", flush=True)
+                self.world.engine.abort_weight_update()
+        raise WeightSyncError(f"weight update {version} failed {self.cfg.rollout.max_retries + 1} times: {errors[0]}")
+
+    def _send_weights(self, target, named: dict, version: str) -> str | None:
+        """This stage's send; the error message when it failed (every rank must agree first)."""
+        try:
+            if self._weight_target != target:
+                if self._weight_sender is not None:
+                    self._weight_sender.close()
+                self._weight_sender, self._weight_target = target.open_sender(), target
+            self._weight_sender.send(named.items(), version)
+            return None
+        except WeightSyncError as e:
+            self._weight_target = None  # the group is broken: the next try opens a new one
+            return str(e)
 
     def close(self) -> None:
         destroy_parallel()

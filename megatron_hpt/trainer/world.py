@@ -13,7 +13,7 @@ from megatron_hpt.data.sampler import PromptSampler, SamplerConfig
 from megatron_hpt.data.types import Prompt, Sample
 from megatron_hpt.eval import EvalRun, build_report, evaluate_prompts, load_benchmark
 from megatron_hpt.rewards import RewardItem, RewardPool
-from megatron_hpt.rollout import create_rollout_engine
+from megatron_hpt.rollout import count_stale, create_rollout_engine
 from megatron_hpt.trainer.config import RunConfig
 from megatron_hpt.trainer.metrics_log import MetricsLogger, step_summary
 from megatron_hpt.trainer.progress import progress
@@ -44,27 +44,33 @@ class OutsideWorld:
             self.sampler.load_state_dict(read_trainer_extra(cfg.checkpoint.init_data_from)["sampler"])
         self.benchmarks = {b.name: load_benchmark(b, cfg.eval, self.tokenizer) for b in cfg.eval.benchmarks}
         self.rewards = RewardPool.from_config(cfg.reward)
-        log_dir = cfg.rollout.log_dir or str(run_dir / "rollout_logs")
-        self.engine = create_rollout_engine(_with_log_dir(cfg.rollout, log_dir), cfg.model.hf_path)
+        self.engine = create_rollout_engine(_for_run(cfg.rollout, run_dir), cfg.model.hf_path)
         self.logger = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.name)
         self.eval_runs: list[EvalRun] = []
         self.group_plan = group_plan(cfg.algorithm.loss_config(), cfg.algorithm.rows, cfg.rollout.n)
         self._step_indices: list[int] = []
 
     # ------------------------------------------------------------ rollouts
-    def rollout_and_score(self, step: int, timer) -> tuple[list[list[Sample]], dict[str, float]]:
+    def rollout_and_score(self, step: int, timer, weight_version: str) -> tuple[list[list[Sample]], dict[str, float]]:
         """The group plan's rollouts for each prompt of the step's batch (and its demonstration when the
-        algorithm scores it with the verifier), scored."""
+        algorithm scores it with the verifier), scored; samples of another weight version than
+        ``weight_version`` are refused or counted (rollout.stale_samples)."""
         cfg = self.cfg
+        before = self.sampler.state_dict()
         self._step_indices = self.sampler.next_batch()
         prompts: list[Prompt] = [self.dataset[i] for i in self._step_indices]
         plan = self.group_plan
         with timer("rollout"), progress(cfg.logging.progress, f"rollouts step {step + 1}", len(prompts)) as bar:
-            completions = self.engine.generate(
-                [p.prompt_ids for p in prompts], plan.num_rollouts, cfg.rollout.sampling_params(),
-                rollout_seed(cfg.seed, step)
-            )
+            try:
+                completions = self.engine.generate(
+                    [p.prompt_ids for p in prompts], plan.num_rollouts, cfg.rollout.sampling_params(),
+                    rollout_seed(cfg.seed, step)
+                )
+            except BaseException:
+                self.sampler.load_state_dict(before)  # a retried step draws the same prompts
+                raise
             bar.update(len(prompts))
+        stale = count_stale(completions, weight_version, refuse=cfg.rollout.stale_samples == "refuse")
         samples = [
             [
                 Sample(
@@ -93,7 +99,8 @@ class OutsideWorld:
             bar.update(len(flat))
         for s, r in zip(flat, results):
             s.reward, s.reward_reason = r.score, r.reason
-        return samples, rollout_metrics([s for s in flat if s.source == "rollout"])
+        metrics = rollout_metrics([s for s in flat if s.source == "rollout"])
+        return samples, {**metrics, "rollout/stale_samples": float(stale)}
 
     def remove_prompts(self, groups: list[int]) -> None:
         """Take these prompts of the last step (group indices) out of the sampling from the next epoch on."""
@@ -173,10 +180,12 @@ def rollout_metrics(samples: list[Sample]) -> dict[str, float]:
     return out
 
 
-def _with_log_dir(rollout_cfg, log_dir: str):
+def _for_run(rollout_cfg, run_dir: Path):
+    """The run's rollout config: server logs and the weight folder inside the run."""
     import dataclasses
 
-    return dataclasses.replace(rollout_cfg, log_dir=log_dir)
+    return dataclasses.replace(rollout_cfg, log_dir=rollout_cfg.log_dir or str(run_dir / "rollout_logs"),
+                               weight_dir=rollout_cfg.weight_dir or str((run_dir / "weights_sync").resolve()))
 
 
 def evaluate_checkpoint(cfg: RunConfig, model_dir: str) -> EvalRun:

@@ -178,7 +178,11 @@ def test_multi_node_training_with_a_dedicated_rollout_node(cluster, tiny_qwen2, 
     trainer = _command(log, "hpt-trainer")
     assert _has(trainer, "--nodes=2", "--ntasks=2", "--nodelist=node1,node2", "--ntasks-per-node=1")
     assert _has(trainer, "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d")
-    assert _has(trainer, "data_parallel_size=2", "rollout.engine=attach", f"rollout.urls=[http://127.0.0.1:{port}]")
+    # The server listens beyond loopback (the trainer is on other nodes) with a key made for the job.
+    assert _has(trainer, "data_parallel_size=2", "rollout.engine=attach", f"rollout.urls=[http://127.0.0.1:{port}]",
+                "rollout.colocated=false", "rollout.api_key=env:HPT_ROLLOUT_API_KEY")
+    weight_dir = re.escape(str(run_dir / "weights_sync"))
+    assert re.search(rf"--host 0\.0\.0\.0 --port {port} --device cpu --weight-dir {weight_dir} --weight-version launch --api-key \\\*\\\*\\\* --launch-token [0-9a-f]{{64}}", log), log
     assert _steps(run_dir) == [1, 2]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
 
@@ -220,7 +224,8 @@ def test_gpu_profile_commands_in_a_real_allocation(cluster, tmp_path):
     # 4 ranks at the recipe's TP=2 -> DP 2; the server URL from node3's NodeAddr.
     assert torchrun[9:] == [
         "megatron_hpt.cli", "train", "--recipe", "hpt-qwen2.5-math-7b-8gpu", "--resume", "output_dir=/lustre/runs/hpt7b",
-        "data_parallel_size=2", "rollout.engine=attach", "rollout.urls=[http://127.0.0.1:30000]", "train.steps=10",
+        "data_parallel_size=2", "rollout.engine=attach", "rollout.urls=[http://127.0.0.1:30000]",
+        "rollout.colocated=false", "rollout.api_key=env:HPT_ROLLOUT_API_KEY", "train.steps=10",
     ]
 
 

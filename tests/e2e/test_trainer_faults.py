@@ -32,6 +32,37 @@ def test_dead_rollout_server_is_restarted(tmp_path, demo_models):
     assert not _servers_of(tmp_path), "the restarted server outlived the run"
 
 
+def test_server_killed_in_a_distributed_sync_run_gets_the_current_weights(tmp_path, demo_models):
+    """With weight_sync: distributed a restarted server boots with the launch weights and
+    no disk copy of the current ones exists: it must get them by a new broadcast before
+    it serves. The weights move fast (lr 1e-2 on an entropy bonus: the tiny model's rewards
+    are all 0; one mini-batch per step, GRPO), so samples from stale weights would show as
+    a log-prob gap (0.6 when the restarted server serves at once) and as stale versions."""
+    proc = subprocess.Popen(train_cmd(tmp_path, demo_models, "train.steps=5", "rollout.weight_sync=distributed",
+                                      "train.mini_batch_size=4", "algorithm.preset=grpo",
+                                      "algorithm.overrides.entropy_coef=0.01", "train.step.optimizer.lr=1.0e-2",
+                                      "rollout.stale_samples=count"),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics_file = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics_file.is_file() and len(metrics_file.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    servers = _servers_of(tmp_path)
+    assert len(servers) == 1
+    servers[0].kill()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    for r in rows:
+        assert r["rollout/stale_samples"] == 0, (r["step"], out[-3000:])
+        assert r["rollout/logp_gap_abs"] < 1e-4, (r["step"], r["rollout/logp_gap_abs"])
+    log = (tmp_path / "rollout_logs" / "server-0.log").read_text()
+    assert log.count("start: ") == 2, "the killed server was not restarted"
+
+
 def _servers_of(run_dir) -> list[psutil.Process]:
     """Rollout server processes launched for this run (their log dir is under it)."""
     found = []

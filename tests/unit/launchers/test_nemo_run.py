@@ -123,7 +123,7 @@ def test_slurm_training_job_sbatch_script(tmp_path):
 def test_heterogeneous_job_rollout_nodes_and_trainer(tmp_path):
     files = _dryrun(
         tmp_path, "train", *SLURM, "--nodes", "2", "--rollout-nodes", "1", "--rollout-model", "/lustre/Qwen2.5-Math-7B",
-        "--rollout-tp", "2", "--output-dir", "/lustre/runs/hpt7b",
+        "--rollout-tp", "2", "--output-dir", str(tmp_path / "hpt7b"),
     )
     script = files["hpt-train-mn.sbatch"]
     flags = _sbatch_flags(script)
@@ -147,10 +147,16 @@ def test_heterogeneous_job_rollout_nodes_and_trainer(tmp_path):
     assert argv == [
         "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
         "--rdzv-endpoint=addr-gpu-t1:29500", "--rdzv-id=hpt-77", "-m", "megatron_hpt.cli", "train",
-        "--recipe", "hpt-qwen2.5-math-7b-8gpu", "--resume", "output_dir=/lustre/runs/hpt7b", "data_parallel_size=8",
+        "--recipe", "hpt-qwen2.5-math-7b-8gpu", "--resume", f"output_dir={tmp_path / 'hpt7b'}", "data_parallel_size=8",
         "rollout.engine=attach",
         "rollout.urls=[http://addr-gpu-r1:30000,http://addr-gpu-r1:30001,http://addr-gpu-r1:30002,http://addr-gpu-r1:30003]",
+        "rollout.colocated=false", f"rollout.api_key=file:{tmp_path / 'hpt7b' / '.rollout-api-key'}",
     ]
+    # The servers listen beyond loopback with the key the trainer task writes there.
+    for line in ("export ROLLOUT_HOST=0.0.0.0", f"export ROLLOUT_API_KEY_FILE={tmp_path / 'hpt7b' / '.rollout-api-key'}"):
+        assert line in script.splitlines()
+    key_file = tmp_path / "hpt7b" / ".rollout-api-key"
+    assert len(key_file.read_text()) == 64 and key_file.stat().st_mode & 0o077 == 0
 
 
 def test_overrides_that_need_quoting_reach_the_cli_intact(tmp_path):

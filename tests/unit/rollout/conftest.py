@@ -40,9 +40,15 @@ def contract(sglang_api) -> ContractChecker:
 
 
 @pytest.fixture(scope="module")
-def own_engine(tiny_model_dir, contract, tmp_path_factory):
+def weight_dir(tmp_path_factory) -> Path:
+    """The folder the module's own server may load weights from (a run's weights_sync)."""
+    return tmp_path_factory.mktemp("weights_sync")
+
+
+@pytest.fixture(scope="module")
+def own_engine(tiny_model_dir, contract, tmp_path_factory, weight_dir):
     """One own server for the module, behind an engine whose requests are contract-checked."""
-    cfg = own_engine_config(log_dir=str(tmp_path_factory.mktemp("own_server_logs")))
+    cfg = own_engine_config(log_dir=str(tmp_path_factory.mktemp("own_server_logs")), weight_dir=str(weight_dir))
     engine = SGLangEngine.from_config(cfg, str(tiny_model_dir), observer=contract.observe_request)
     yield engine
     engine.close()

@@ -77,13 +77,18 @@ def test_bad_prompts_are_refused_before_anything_is_sent(own_engine, contract):
         own_engine.generate([[1] * 1000], 1, SamplingParams(max_new_tokens=100), seed=0)
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         own_engine.generate([[]], 1, SamplingParams(max_new_tokens=4), seed=0)
+    for n in (0, 1025, 200000, True, 2.0):
+        with pytest.raises(ValueError, match=rf"n must be an integer in \[1, rollout.max_n=1024\], got {n!r}"):
+            own_engine.generate([[1, 2]], n, SamplingParams(max_new_tokens=4), seed=0)
     assert contract.requests_seen == sent
+    with pytest.raises(ValueError, match="rollout.n=32 is above rollout.max_n=16"):
+        RolloutConfig(n=32, max_n=16)
 
 
-def test_weight_sync_from_disk(own_engine, hf_model, tiny_model_dir, tmp_path):
+def test_weight_sync_from_disk(own_engine, hf_model, tiny_model_dir, weight_dir):
     params = SamplingParams(temperature=0.0, max_new_tokens=10)
     new = perturbed_weights(hf_model, seed=3)
-    path = weight_transport.write_safetensors_dir(new.items(), tmp_path / "w", config_from=tiny_model_dir)
+    path = weight_transport.write_safetensors_dir(new.items(), weight_dir / "v1", config_from=tiny_model_dir)
     own_engine.update_weights_from_disk(str(path), "disk-1")
     new_model = model_with(tiny_model_dir, new)
     try:
@@ -103,7 +108,7 @@ def test_weight_sync_distributed_bucketed(own_engine, hf_model, tiny_model_dir):
     params = SamplingParams(temperature=0.0, max_new_tokens=10)
     own_engine.update_weights_from_distributed(new.items(), "dist-1")
     try:
-        sender = own_engine._senders["stage0"]
+        sender = own_engine._local_sender[1]
         assert sender.bytes_sent == sum(t.numel() * t.element_size() for t in new.values())
         out = own_engine.generate(PROMPTS[:2], 1, params, seed=0)
         assert [row[0].output_ids for row in out] == [hf_greedy(new_model, p, 10) for p in PROMPTS[:2]]
@@ -122,6 +127,7 @@ def test_weight_sync_per_pipeline_stage(own_engine, hf_model, tiny_model_dir):
     own_engine.close_weight_sync()  # the single-process group of the test above
     new = perturbed_weights(hf_model, scale=4.0, seed=5)
     stage_of = lambda name: 1 if ("layers.2." in name or "layers.3." in name or name in ("model.norm.weight", "lm_head.weight")) else 0  # noqa: E731
+    own_engine.begin_weight_update()
     senders = [DistributedWeightSender(own_engine.weight_sync_target(stage)) for stage in (0, 1)]
     assert senders[0].target.group_name != senders[1].target.group_name
     errors: list[BaseException] = []
@@ -133,13 +139,12 @@ def test_weight_sync_per_pipeline_stage(own_engine, hf_model, tiny_model_dir):
         except BaseException as e:  # reported by the main thread
             errors.append(e)
 
-    own_engine.begin_weight_update()
     threads = [threading.Thread(target=stage_rank, args=(s,)) for s in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
-    own_engine.end_weight_update()
+    own_engine.end_weight_update("pp-1")
     try:
         assert not errors, errors
         assert senders[0].bytes_sent > 0 and senders[1].bytes_sent > 0
@@ -201,7 +206,7 @@ def test_weight_sync_while_the_only_server_is_dead_restarts_it_with_the_new_weig
     params = SamplingParams(temperature=0.0, max_new_tokens=10)
     new = perturbed_weights(hf_model, seed=5)
     path = weight_transport.write_safetensors_dir(new.items(), tmp_path / "w", config_from=tiny_model_dir)
-    cfg = own_engine_config(num_servers=1, log_dir=str(tmp_path), retry_backoff_s=0.1)
+    cfg = own_engine_config(num_servers=1, log_dir=str(tmp_path), retry_backoff_s=0.1, weight_dir=str(tmp_path))
     with SGLangEngine.from_config(cfg, str(tiny_model_dir)) as engine:
         engine.processes[0].kill()
         engine.update_weights_from_disk(str(path), "after-restart")

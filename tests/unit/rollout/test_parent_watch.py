@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def _server(tmp_path: Path, code: str) -> ServerProcess:
-    return ServerProcess([sys.executable, "-c", code], dict(os.environ), "127.0.0.1", 1, tmp_path / "server.log", "test server")
+    return ServerProcess(lambda spec: ([sys.executable, "-c", code], dict(os.environ)), host="127.0.0.1",
+                         log_path=tmp_path / "server.log", name="test server")
 
 
 def test_status_of_the_server_is_passed_through(tmp_path):
@@ -35,7 +36,8 @@ def test_server_dies_with_a_sigkilled_trainer(tmp_path):
         from pathlib import Path
         from megatron_hpt.rollout.launcher import ServerProcess
         code = "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
-        s = ServerProcess([sys.executable, "-c", code], dict(os.environ), "127.0.0.1", 1, Path({str(tmp_path / 'log')!r}), "s")
+        s = ServerProcess(lambda spec: ([sys.executable, "-c", code], dict(os.environ)), host="127.0.0.1",
+                          log_path=Path({str(tmp_path / 'log')!r}), name="s")
         s.start()
         time.sleep(600)
     """)

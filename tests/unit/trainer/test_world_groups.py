@@ -22,7 +22,8 @@ class _Engine:
 
     def generate(self, prompts, n, params, seed):
         self.calls.append(n)
-        return [[Completion(output_ids=[7, j], output_logprobs=[-1.0, -1.0], finish_reason="stop") for j in range(n)]
+        return [[Completion(output_ids=[7, j], output_logprobs=[-1.0, -1.0], finish_reason="stop",
+                            meta={"weight_version": "0"}) for j in range(n)]
                 for _ in prompts]
 
 
@@ -52,7 +53,7 @@ def _world(recipe_overrides):
 
 def test_luffy_groups_have_n_rows_with_a_verified_demonstration():
     cfg, world = _world(["algorithm.preset=luffy"])
-    samples, metrics = world.rollout_and_score(0, Timer())
+    samples, metrics = world.rollout_and_score(0, Timer(), "0")
     assert world.engine.calls == [3]  # n - 1 rollouts
     assert [[s.source for s in g] for g in samples] == [["rollout"] * 3 + ["demonstration"]] * 2
     by_prompt = {g[0].prompt.uid: g[-1].reward for g in samples}
@@ -64,7 +65,7 @@ def test_luffy_groups_have_n_rows_with_a_verified_demonstration():
 
 def test_removed_sft_prompts_reach_the_sampler():
     cfg, world = _world(["algorithm.switch={mode: switch, gate: 0, remove_sfted_data: true}"])
-    samples, _ = world.rollout_and_score(0, Timer())
+    samples, _ = world.rollout_and_score(0, Timer(), "0")
     assert world.engine.calls == [4] and all(len(g) == 4 for g in samples)
     rows = build_rows(samples, cfg.algorithm.loss_config(), cfg.algorithm.switch, "auto")
     assert rows.sft_groups == [0, 1]  # every rollout is wrong
