@@ -28,7 +28,7 @@ from megatron_hpt.data.types import TrainBatch
 from megatron_hpt.parallel import ParallelState, destroy_parallel, init_parallel
 from megatron_hpt.trainer.config import RunConfig
 from megatron_hpt.trainer.rows import build_rows, row_policy_for
-from megatron_hpt.training.batching import balanced_split, minibatch_split
+from megatron_hpt.training.batching import minibatch_split
 from megatron_hpt.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_hpt.training.hf_weights import (
     full_layout_stage_to_hf,
@@ -36,7 +36,7 @@ from megatron_hpt.training.hf_weights import (
     load_hf_weights,
     write_hf_checkpoint,
 )
-from megatron_hpt.training.policy import FrozenModel, MegatronPolicy, row_lengths
+from megatron_hpt.training.policy import FrozenModel, MegatronPolicy
 
 
 class Timer:
@@ -230,10 +230,9 @@ class Trainer:
     def _train_on(self, batch: TrainBatch, timer: Timer) -> dict[str, float]:
         cfg = self.cfg
         rows = batch.rows
-        lengths = row_lengths(rows)
         minibatches = minibatch_split([r.group for r in rows], cfg.train.rollout_batch_size // cfg.train.mini_batch_size)
         minibatches = minibatches * cfg.train.epochs
-        local = [balanced_split(lengths, mb, self.st.dp_size)[self.st.dp_rank] for mb in minibatches]
+        local = [self.policy.local_rows(rows, mb) for mb in minibatches]
         temperature = cfg.rollout.temperature
         needs_old = self.loss_config.reference in ("old", "sequence")
         old: dict[int, torch.Tensor] = {}
