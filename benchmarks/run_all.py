@@ -7,7 +7,7 @@ other in this order, records the machine's load average before and after each (t
 machines are shared: ratios inside one benchmark are measured side by side, absolute
 figures move with the load), and writes the figures as JSON plus a markdown summary with
 every goal, met or missed and by how much. A benchmark that fails is recorded with its
-error and the others still run. ``--quick`` (smaller sizes, about 3 minutes instead of 13 on
+error and the others still run. ``--quick`` (smaller sizes, about 3 minutes instead of 16 on
 2 cores) writes ``<date>-<device>-quick.*``.
 """
 
