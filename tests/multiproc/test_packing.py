@@ -68,8 +68,8 @@ def test_packed_equals_padded(tiny_qwen2, padded, tp, pp, dp, budget, packing):
     # one packed sequence per micro-batch, under the budget, a multiple of the TP size
     for shapes in got["shapes"]:
         assert shapes and all(b == 1 and s <= budget and s % tp == 0 for b, s in shapes), shapes
-    if budget == SMALL:
-        assert all(len(shapes) > 1 for shapes in got["shapes"])
+    if budget == SMALL:  # several micro-batches of different packed lengths (pipeline stages exchange them)
+        assert all(len(set(shapes)) > 1 for shapes in got["shapes"]), got["shapes"]
     _assert_same(padded, got)
 
 
