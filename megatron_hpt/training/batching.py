@@ -72,16 +72,6 @@ class CostModel:
         """Work of one row of ``length`` positions, in token-equivalents."""
         return length * (1.0 + length / self.attention_tokens)
 
-    def microbatch_work(self, lengths: Sequence[int]) -> float:
-        """Work of a micro-batch: padded rows all cost the longest row; packed rows (attention
-        restricted to each row) their own, plus the padding segment's."""
-        if not lengths:
-            return 0.0
-        if self.layout == "padded":
-            return len(lengths) * self.row_work(round_up(max(lengths), self.pad_multiple))
-        total = sum(lengths)
-        return sum(self.row_work(n) for n in lengths) + self.row_work(round_up(total, self.pad_multiple) - total)
-
 
 def _first_fit_decreasing(lengths: Sequence[int], max_tokens: int, cost_model: CostModel) -> list[list[int]]:
     bins: list[list[int]] = []
