@@ -7,11 +7,14 @@ the packed path is plain torch and runs anywhere: the attention layer squeezes q
 to [S, heads, dim], RoPE restarts at each row from ``cu_seqlens``, and the output is
 reshaped back. ``PackedDotProductAttention`` fills the one gap: attention restricted
 to each row (a block-diagonal causal mask), computed by the local attention itself.
-The packed rows are cut into windows of whole consecutive rows, each as wide as the
-longest row, and the windows go through the local attention as one batch with a
-block-diagonal causal mask per window: one batched call per layer, as with padding,
-and no work on the masked blocks between rows of different windows. The CPU path thus
-runs the same bookkeeping as the GPU one.
+
+Cost: a dense masked attention over the whole pack would spend S^2 on blocks that are
+all masked, and one call per row would pay the per-call overhead hundreds of times for
+short rows. Instead, consecutive rows are cut into windows about as wide as their first
+(longest) row, and consecutive windows of similar width (within 2x) go through the local
+attention as one batch [W, N] with a block-diagonal causal mask per window: a few calls
+per layer, each about as wide as the rows in it. The CPU path thus runs the same
+bookkeeping as the GPU one at a cost close to padding's or below.
 
 Imported only when a model is built with the local layer spec (it imports megatron).
 
@@ -24,43 +27,62 @@ import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 MIN_WINDOW = 64
-"""Windows are at least this wide, so short rows share them (fewer, larger windows)."""
+"""Windows are at least this wide, so short rows share them."""
+BUCKET_RATIO = 2
+"""Windows batched together differ in width by at most this factor."""
 
 
-def row_windows(cu_seqlens: list[int], min_window: int = MIN_WINDOW) -> tuple[list[tuple[int, int]], int]:
-    """Consecutive whole rows grouped into windows [start, end) no wider than the longest row
-    (or ``min_window``); returns the windows and that width."""
-    width = max(min_window, max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])))
+def row_windows(cu_seqlens: list[int], min_window: int = MIN_WINDOW) -> list[tuple[int, int]]:
+    """Consecutive whole rows grouped into windows [start, end): a window takes rows while it
+    stays within its first row's length (or ``min_window``)."""
     windows = []
-    start = cu_seqlens[0]
+    start, width = cu_seqlens[0], 0
     for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        if b - start > width:
+        if a > start and b - start > width:
             windows.append((start, a))
             start = a
+        if a == start:
+            width = max(b - a, min_window)
     windows.append((start, cu_seqlens[-1]))
-    return windows, width
+    return windows
 
 
-def window_layout(cu_seqlens: list[int], device, min_window: int = MIN_WINDOW):
-    """The windows of ``row_windows`` as a batch [W, N] (the local attention's [seq, batch]),
-    each window's rows first, then empty slots. Returns (N, W; slot_S: the flattened [W, N]
-    slot of each packed position; mask_N1WW: True where attention is masked, i.e. later
-    positions and other rows; an empty slot attends only to empty slots, so every softmax
-    row stays finite)."""
-    windows, _ = row_windows(cu_seqlens, min_window)
+def window_buckets(windows: list[tuple[int, int]], ratio: int = BUCKET_RATIO) -> list[list[tuple[int, int]]]:
+    """Consecutive windows grouped so the widest of a group is at most ``ratio`` times its
+    narrowest."""
+    buckets: list[list[tuple[int, int]]] = []
+    lo = hi = 0
+    for a, b in windows:
+        w = b - a
+        if buckets and max(hi, w) <= ratio * min(lo, w):
+            buckets[-1].append((a, b))
+            lo, hi = min(lo, w), max(hi, w)
+        else:
+            buckets.append([(a, b)])
+            lo = hi = w
+    return buckets
+
+
+def window_batch(cu_seqlens: list[int], windows: list[tuple[int, int]], device):
+    """Consecutive windows as one batch [W, N] (the local attention's [seq, batch]), each
+    window's rows first, then empty slots. Returns (N, W; slot: the flattened [W, N] slot of
+    each position from the first window's start on; mask_N1WW: True where attention is
+    masked, i.e. later positions and other rows; an empty slot attends only to empty slots,
+    so every softmax row stays finite)."""
     N, W = len(windows), max(b - a for a, b in windows)
-    S = cu_seqlens[-1]
+    start, end = windows[0][0], windows[-1][1]
     starts = torch.tensor([a for a, _ in windows])
-    window_S = torch.repeat_interleave(torch.arange(N), torch.tensor([b - a for a, b in windows]))
-    slot_S = (torch.arange(S) - starts[window_S]) * N + window_S
-    row_S = torch.zeros(S, dtype=torch.long)
-    row_S[torch.tensor(cu_seqlens[1:-1], dtype=torch.long)] = 1
+    window = torch.repeat_interleave(torch.arange(N), torch.tensor([b - a for a, b in windows]))
+    pos = torch.arange(start, end)
+    slot = (pos - starts[window]) * N + window
+    row = torch.zeros(end - start, dtype=torch.long)
+    row[torch.tensor([c - start for c in cu_seqlens if start < c < end], dtype=torch.long)] = 1
     row_WN = torch.full((W * N,), -1, dtype=torch.long)
-    row_WN[slot_S] = row_S.cumsum(0)
+    row_WN[slot] = row.cumsum(0)
     row_NW = row_WN.view(W, N).t()
     later_WW = torch.ones(W, W, dtype=torch.bool).triu_(1)
     mask_N1WW = (later_WW | (row_NW[:, :, None] != row_NW[:, None, :])).unsqueeze(1)
-    return N, W, slot_S.to(device), mask_N1WW.to(device)
+    return N, W, slot.to(device), mask_N1WW.to(device)
 
 
 class PackedDotProductAttention(DotProductAttention):
@@ -87,11 +109,17 @@ class PackedDotProductAttention(DotProductAttention):
             packed_seq_params.cu_seqlens_q, packed_seq_params.cu_seqlens_kv
         ):
             raise ValueError("PackedDotProductAttention supports self-attention without per-row padding only")
-        N, W, slot_S, mask_N1WW = window_layout(packed_seq_params.cu_seqlens_q.tolist(), query.device)
+        cu = packed_seq_params.cu_seqlens_q.tolist()
+        outs = []
+        for windows in window_buckets(row_windows(cu)):
+            a, b = windows[0][0], windows[-1][1]
+            N, W, slot, mask_N1WW = window_batch(cu, windows, query.device)
 
-        def batch(x_SHD):  # -> [W, N, H, D], the local attention's [seq, batch, heads, dim]
-            # index_copy / index_select: their backward is a plain gather (no accumulating scatter)
-            return x_SHD.new_zeros(W * N, *x_SHD.shape[1:]).index_copy(0, slot_S, x_SHD).view(W, N, *x_SHD.shape[1:])
+            def batch(x_SHD):  # -> [W, N, H, D], the local attention's [seq, batch, heads, dim]
+                # index_copy / index_select: their backward is a plain gather (no accumulating scatter)
+                x = x_SHD[a:b]
+                return x.new_zeros(W * N, *x.shape[1:]).index_copy(0, slot, x).view(W, N, *x.shape[1:])
 
-        out_WNh = super().forward(batch(query), batch(key), batch(value), mask_N1WW, attn_mask_type=attn_mask_type)
-        return out_WNh.reshape(W * N, -1).index_select(0, slot_S)
+            out_WNh = super().forward(batch(query), batch(key), batch(value), mask_N1WW, attn_mask_type=attn_mask_type)
+            outs.append(out_WNh.reshape(W * N, -1).index_select(0, slot))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
