@@ -7,7 +7,7 @@ other in this order, records the machine's load average before and after each (t
 machines are shared: ratios inside one benchmark are measured side by side, absolute
 figures move with the load), and writes the figures as JSON plus a markdown summary with
 every goal, met or missed and by how much. A benchmark that fails is recorded with its
-error and the others still run. ``--quick`` (smaller sizes, about 3 minutes instead of 13 on
+error and the others still run. ``--quick`` (smaller sizes, about 3 minutes instead of 16 on
 2 cores) writes ``<date>-<device>-quick.*``.
 """
 
@@ -44,6 +44,7 @@ class Benchmark:
 
 BENCHMARKS = (
     Benchmark("train_step", "benchmarks.train_step", "Training step: ours vs plain HF transformers + PyTorch, CPU roofline"),
+    Benchmark("packing", "benchmarks.packing", "Sequence packing vs padding: training step on long-tailed rows"),
     Benchmark("peer_trl", "benchmarks.peer_trl", "Peers: TRL GRPOTrainer and SFTTrainer on the same work"),
     Benchmark("hpt_step", "benchmarks.hpt_step", "End-to-end HPT step on the demo recipe, by phase"),
     Benchmark("rollout_throughput", "benchmarks.rollout_throughput", "Rollout tokens/s and weight sync s/GB"),
@@ -146,6 +147,23 @@ def _md_train_step(f: dict, goals: list) -> list[str]:
     return lines
 
 
+def _md_packing(f: dict, goals: list) -> list[str]:
+    lines = [f"{f['model']}: {f['rows']} rows ({f['rows_sft']} SFT), {f['tokens_per_step']} tokens/step, long-tailed "
+             f"(median {f['row_tokens_median']:.0f}, longest {f['row_tokens_max']} tokens), micro-batch budget {f['budget']} "
+             f"tokens, {f['threads']} threads, {f['steps']} paired steps.", "",
+             "| layout | micro-batches | positions run | fill | of the budget | s/step | tokens/s |", "|---|---|---|---|---|---|---|"]
+    for layout in ("packed", "padded"):
+        x = f[layout]
+        lines.append(f"| {layout} | {x['microbatches']} | {x['positions_run']} | {x['fill']:.1%} | {x['budget_fill']:.1%} | "
+                     f"{x['step_s_median']:.2f} | {x['tokens_per_s']:.1f} |")
+    lines += ["", f"- packed / padded tokens/s = **{f['ratio_tokens_per_s']:.3f}** (median of paired steps), "
+                  f"{f['ratio_cpu_time']:.3f} by CPU time; step-0 loss packed {f['step0_loss_packed']:.6f}, "
+                  f"padded {f['step0_loss_padded']:.6f}."]
+    goal_row(goals, f"packed vs padded training step, long-tailed rows, {f['model']} (tokens/s ratio)",
+             f["ratio_tokens_per_s"], f["goal_ratio"], True)
+    return lines
+
+
 def _md_peer(f: dict, goals: list) -> list[str]:
     if "skipped" in f:
         goal_row(goals, "whole HPT step vs TRL GRPOTrainer, smollm2 (tokens/s ratio)", None, 1.5, True)
@@ -228,6 +246,7 @@ def _md_conversion(f: dict, goals: list) -> list[str]:
 
 FORMATTERS = {
     "train_step": _md_train_step,
+    "packing": _md_packing,
     "peer_trl": _md_peer,
     "hpt_step": _md_hpt_step,
     "rollout_throughput": _md_rollout,

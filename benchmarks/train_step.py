@@ -79,7 +79,8 @@ def matmul_peak_flops(threads: int = THREADS, seconds: float = 1.0) -> dict:
 
 # --------------------------------------------------------------------------- workers
 class _MegatronSide:
-    def __init__(self, model_dir: str, rows, preset: str = "hpt") -> None:
+    def __init__(self, model_dir: str, rows, preset: str = "hpt", packing: str = "padded",
+                 max_tokens: int = 32768) -> None:
         from megatron_hpt.losses import get_preset
         from megatron_hpt.models import ModelConfig, load_hf_config
         from megatron_hpt.parallel import ParallelConfig, init_parallel
@@ -92,7 +93,7 @@ class _MegatronSide:
         os.environ["MASTER_PORT"] = str(free_port())
         st = init_parallel(ParallelConfig())
         hf = load_hf_config(model_dir)
-        step_cfg = TrainStepConfig(optimizer=OptimizerSettings(lr=LR), packing="padded")
+        step_cfg = TrainStepConfig(optimizer=OptimizerSettings(lr=LR), packing=packing, max_tokens_per_microbatch=max_tokens)
         self.policy = MegatronPolicy(hf, ModelConfig(hf_path=model_dir), step_cfg, st, total_optimizer_steps=1000)
         load_hf_weights(self.policy.module, st, hf, model_dir)
         self.rows = rows
@@ -185,6 +186,11 @@ def _worker(kind: str, model: str, rows_kind: str = "hpt") -> None:
     else:
         rows = train_rows(vocab)
         side = _MegatronSide(path, rows) if kind == "megatron" else _PlainHFSide(path, rows)
+    serve(side)
+
+
+def serve(side) -> None:
+    """A worker's line protocol on stdin/stdout around a side with ``step() -> loss``."""
     out = sys.stdout
     sys.stdout = sys.stderr  # library prints must not break the protocol
     out.write(json.dumps({"ready": True}) + "\n")
@@ -204,13 +210,15 @@ def _worker(kind: str, model: str, rows_kind: str = "hpt") -> None:
 
 
 class _Worker:
-    """A worker process running one side's steps on request."""
+    """A worker process running one side's steps on request: this script's ``--worker kind``,
+    or the command ``argv`` (a script whose worker ``serve``s a side)."""
 
-    def __init__(self, kind: str, model: str, rows_kind: str = "hpt") -> None:
+    def __init__(self, kind: str, model: str = "", rows_kind: str = "hpt", *, argv: list[str] | None = None) -> None:
         env = bench_env()
         self.kind = kind
+        self.argv = argv or [__file__, "--worker", kind, "--model", model, "--rows", rows_kind]
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", kind, "--model", model, "--rows", rows_kind],
+            [sys.executable, *self.argv],
             cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         self._read()
@@ -219,8 +227,7 @@ class _Worker:
         line = self.proc.stdout.readline()
         if not line:
             code = self.proc.wait()
-            raise RuntimeError(f"{self.kind} worker exited ({code}); run it by hand: "
-                               f"python benchmarks/train_step.py --worker {self.kind} --model ...")
+            raise RuntimeError(f"{self.kind} worker exited ({code}); run it by hand: python {' '.join(self.argv)}")
         return json.loads(line)
 
     def ask(self, cmd: str) -> dict:
@@ -241,6 +248,20 @@ class _Worker:
             self.proc.wait()
 
 
+def paired_steps(a: _Worker, b: _Worker, steps: int) -> tuple[tuple[dict, dict], dict, dict]:
+    """One warm-up step each (its replies, with the step-0 losses, come first), then ``steps``
+    single steps of each, alternating which goes first; wall and CPU seconds by worker kind."""
+    first = (a.ask("step"), b.ask("step"))
+    times: dict[str, list[float]] = {a.kind: [], b.kind: []}
+    cpu: dict[str, list[float]] = {a.kind: [], b.kind: []}
+    for i in range(steps):
+        for w in ((a, b) if i % 2 == 0 else (b, a)):
+            r = w.ask("step")
+            times[w.kind].append(r["seconds"])
+            cpu[w.kind].append(r["cpu_seconds"])
+    return first, times, cpu
+
+
 def compare(model: str, steps: int, peak_flops: float, profile: bool = False) -> dict:
     """Alternate single steps of both sides (after one warm-up step each)."""
     from transformers import AutoConfig
@@ -254,15 +275,7 @@ def compare(model: str, steps: int, peak_flops: float, profile: bool = False) ->
     n_params = num_parameters(hf)
     ours, plain = _Worker("megatron", model), _Worker("plain_hf", model)
     try:
-        first_ours, first_plain = ours.ask("step"), plain.ask("step")  # warm-up; step-0 losses
-        times = {"megatron": [], "plain_hf": []}
-        cpu = {"megatron": [], "plain_hf": []}
-        for i in range(steps):
-            order = (ours, plain) if i % 2 == 0 else (plain, ours)
-            for w in order:
-                r = w.ask("step")
-                times[w.kind].append(r["seconds"])
-                cpu[w.kind].append(r["cpu_seconds"])
+        (first_ours, first_plain), times, cpu = paired_steps(ours, plain, steps)
         profiles = {w.kind: w.ask("profile")["table"] for w in (ours, plain)} if profile else {}
     finally:
         ours.close()

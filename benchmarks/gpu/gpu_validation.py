@@ -365,7 +365,7 @@ class OursTrainSide:
         # Every timed step must do its update: no skipping on the random model's grad norm
         # (clipping to 1.0 still runs).
         opt = OptimizerSettings(lr=LR, skip_grad_norm_above=1e12)
-        # the recipes' default layout (``policy.cost_model`` says which one "auto" chose)
+        # "auto": THD sequence packing (TE's attention with TE, megatron's local one without)
         step_cfg = TrainStepConfig(optimizer=opt, max_tokens_per_microbatch=max_tokens, packing="auto")
         self.policy = MegatronPolicy(weights.hf, model_cfg, step_cfg, st, total_optimizer_steps=1000)
         load_megatron_weights(self.policy.module, weights)
@@ -375,18 +375,17 @@ class OursTrainSide:
 
     @property
     def layout(self) -> str:
-        return self.policy.cost_model
+        return self.policy.cost_model.layout
 
     def padded_tokens(self, rows) -> tuple[int, int]:
-        """(micro-batches, padded positions) our dynamic batching makes of the rows."""
+        """(micro-batches, positions run, padding included) our dynamic batching makes of the rows."""
         from megatron_hpt.training.batching import dynamic_batches
         from megatron_hpt.training.policy import row_lengths
 
         lengths = row_lengths(rows)
-        bins = dynamic_batches(lengths, self.max_tokens, self.policy.cost_model)
-        if self.policy.cost_model == "packed":
-            return len(bins), sum(lengths)
-        return len(bins), sum(len(b) * max(lengths[i] for i in b) for b in bins)
+        cost_model = self.policy.cost_model
+        bins = dynamic_batches(lengths, self.max_tokens, cost_model)
+        return len(bins), sum(cost_model.microbatch_tokens([lengths[i] for i in b]) for b in bins)
 
     def step(self, rows) -> float:
         idx = list(range(len(rows)))

@@ -254,12 +254,17 @@ def llama3_inv_freq(
 
 
 def layer_spec(cfg: ModelConfig):
-    """Transformer Engine spec on GPU with TE, the local (pure torch) spec otherwise."""
+    """Transformer Engine spec on GPU with TE, the local (pure torch) spec otherwise, whose
+    attention also takes packed (THD) sequences."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_transformer_engine(cfg):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    from megatron_hpt.models.packed_attention import PackedDotProductAttention
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    return spec
 
 
 def build_gpt_model(

@@ -281,6 +281,7 @@ class Trainer:
             num_minibatches=cfg.train.rollout_batch_size // cfg.train.mini_batch_size, epochs=cfg.train.epochs,
             dp_size=self.st.dp_size, dp_rank=self.st.dp_rank, composition=cfg.minibatch_composition,
             verl_num_ranks=self.verl_num_ranks, max_tokens=cfg.train.step.max_tokens_per_microbatch,
+            cost_model=self.policy.cost_model,
         )
         local = [p.local for p in plans]
         temperature = cfg.rollout.temperature

@@ -74,9 +74,13 @@ class TrainStepConfig:
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     max_tokens_per_microbatch: int = 32768
-    """Dynamic batching budget per GPU (paper: 32768), in tokens (padded, or packed with TE)."""
+    """Dynamic batching budget per GPU (paper: 32768), in the positions a micro-batch runs
+    on, padding included."""
     packing: Literal["auto", "padded", "packed"] = "auto"
-    """Micro-batch layout: THD sequence packing when TE is present ("auto"), else padding."""
+    """Micro-batch layout: "packed" puts a micro-batch's rows one after another in one
+    sequence (THD: Transformer Engine's attention on GPUs, megatron's local attention
+    restricted to each row elsewhere); "padded" pads each row to the longest one; "auto"
+    packs."""
     logprob_chunk_rows: int | None = None
     """Positions per chunk of the vocab-parallel log-prob/entropy computation; None sizes
     chunks to about 2^19 logits on CPU (cache-resident) and 2^23 on GPUs."""

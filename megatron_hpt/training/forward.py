@@ -42,11 +42,28 @@ def run_schedule(model, microbatches: list[MicroBatch], forward_step, *, forward
     )
 
 
-def _to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
-    if device.type == "cpu":
-        return mb
-    fields = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in vars(mb).items()}
-    return MicroBatch(**fields)
+def _model_forward(model, mb: MicroBatch):
+    """The model on a micro-batch in its layout: packed rows go in as one sequence with
+    megatron's THD parameters (attention and RoPE restart at each row)."""
+    if mb.packed is None:
+        return model(mb.tokens, mb.position_ids, None)
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = mb.packed.cu_seqlens
+    params = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=mb.packed.max_seqlen,
+        max_seqlen_kv=mb.packed.max_seqlen,
+    )
+    return model(mb.tokens, mb.position_ids, None, packed_seq_params=params)
+
+
+def _logprobs_by_row(logits, mb: MicroBatch, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropy [B, T] in the row layout, whatever the micro-batch's layout."""
+    logp, entropy = vocab_parallel_logprobs(logits, mb.targets, **kwargs)
+    return mb.unpack(logp), mb.unpack(entropy)
 
 
 def logprob_forward_step(
@@ -58,17 +75,17 @@ def logprob_forward_step(
     sink: list,
     device: torch.device,
 ):
-    """A forward step that records (micro-batch, log-probs [B, T], entropy [B, T] | None)
-    in ``sink`` on the last pipeline stage."""
+    """A forward step that records (micro-batch, log-probs [B, T], entropy [B, T] | None),
+    in the row layout, in ``sink`` on the last pipeline stage."""
 
     def forward_step(data_iterator: Iterable[MicroBatch], model):
-        mb = _to_device(next(data_iterator), device)
-        output = model(mb.tokens, mb.position_ids, None)
+        mb = next(data_iterator).to(device)
+        output = _model_forward(model, mb)
 
         def loss_func(logits):
             # Logits leave the model in its own dtype; the log-softmax accumulates in fp32.
-            logp, entropy = vocab_parallel_logprobs(
-                logits, mb.targets, tp_group=tp_group, temperature=temperature, chunk_rows=chunk_rows
+            logp, entropy = _logprobs_by_row(
+                logits, mb, tp_group=tp_group, temperature=temperature, chunk_rows=chunk_rows
             )
             sink.append((mb, logp.float().cpu(), entropy.float().cpu() if with_entropy else None))
             return torch.zeros((), device=logits.device), {}
@@ -96,12 +113,12 @@ def train_forward_step(
     needs_entropy = loss_config.entropy_coef != 0.0 or loss_config.entropy_aware_weights is not None
 
     def forward_step(data_iterator: Iterable[MicroBatch], model):
-        mb = _to_device(next(data_iterator), device)
-        output = model(mb.tokens, mb.position_ids, None)
+        mb = next(data_iterator).to(device)
+        output = _model_forward(model, mb)
 
         def loss_func(logits):
-            logp, entropy = vocab_parallel_logprobs(
-                logits, mb.targets, tp_group=tp_group, temperature=temperature, chunk_rows=chunk_rows
+            logp, entropy = _logprobs_by_row(
+                logits, mb, tp_group=tp_group, temperature=temperature, chunk_rows=chunk_rows
             )
             bad = int((~torch.isfinite(logp.detach()) & (mb.loss_mask.to(logp.device) != 0)).sum())
             num_tokens = torch.tensor(mb.num_loss_tokens, dtype=torch.int, device=logits.device)

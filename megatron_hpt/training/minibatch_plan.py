@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 from megatron_hpt.data.types import TrainRow
-from megatron_hpt.training.batching import balanced_split, minibatch_split
+from megatron_hpt.training.batching import CostModel, balanced_split, minibatch_split
 from megatron_hpt.training.verl_split import VerlShare, assign_to_ranks, verl_row_order, verl_split
 
 Composition = Literal["groups", "sft_last"]
@@ -48,6 +48,7 @@ def plan_minibatches(
     composition: Composition = "groups",
     verl_num_ranks: int | None = None,
     max_tokens: int = 32768,
+    cost_model: CostModel = CostModel(),
 ) -> list[MiniBatchPlan]:
     """The mini-batches of a step, ``epochs`` times over.
 
@@ -57,6 +58,8 @@ def plan_minibatches(
         num_minibatches: mini-batches per epoch under composition ``groups``.
         verl_num_ranks: normalization ``verl`` with this many verl data-parallel ranks; None: global.
         max_tokens: verl's ``ppo_max_token_len_per_gpu`` (normalization ``verl`` only).
+        cost_model: how the rows' work is counted when they are dealt to ranks (global only: the
+            verl split deals whole verl micro-batches).
     """
     if verl_num_ranks is not None:
         plans = _verl_plans(rows, mini_batch_size * rows_per_prompt, verl_num_ranks, max_tokens, dp_size, dp_rank)
@@ -70,7 +73,11 @@ def plan_minibatches(
         minibatches = [order[o : o + size] for o in range(0, len(order), size)]
     else:
         raise ValueError(f"unknown mini-batch composition {composition!r}; use 'groups' or 'sft_last'")
-    return [MiniBatchPlan(rows=mb, local=balanced_split(positions, mb, dp_size)[dp_rank]) for mb in minibatches] * epochs
+    kinds = [r.kind for r in rows]
+    return [
+        MiniBatchPlan(rows=mb, local=balanced_split(positions, mb, dp_size, kinds=kinds, cost_model=cost_model)[dp_rank])
+        for mb in minibatches
+    ] * epochs
 
 
 def _verl_plans(

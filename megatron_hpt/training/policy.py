@@ -20,8 +20,9 @@ import torch.distributed as dist
 from megatron_hpt.data.types import TrainRow
 from megatron_hpt.losses import LossConfig, LossNormalizers
 from megatron_hpt.models import ModelConfig, build_gpt_model
+from megatron_hpt.models.architectures import head_dim
 from megatron_hpt.parallel import ParallelState
-from megatron_hpt.training.batching import CostModel, MicroBatch, build_microbatch, dynamic_batches
+from megatron_hpt.training.batching import CostModel, Layout, MicroBatch, balanced_split, build_microbatch, dynamic_batches
 from megatron_hpt.training.config import LogprobPrecision, TrainStepConfig
 from megatron_hpt.training.forward import NONFINITE_KEY, logprob_forward_step, run_schedule, train_forward_step
 from megatron_hpt.training.metrics import reduce_step_metrics
@@ -79,9 +80,47 @@ class StepResult:
     "non_finite_loss" (NaN/inf log-probs) or "found_inf"."""
 
 
-GPU_PAD_MULTIPLE = 16
+FP8_PAD_MULTIPLE = 16
 """Micro-batch lengths on GPU are rounded up to this: Transformer Engine's FP8 GEMMs
 require it (and BF16 tensor cores prefer it); the padding is masked out of every loss."""
+MXFP8_PAD_MULTIPLE = 32
+"""The same for MXFP8 recipes (32-element scaling blocks)."""
+
+
+def pad_multiple(model_cfg: ModelConfig, tp_size: int, cuda: bool) -> int:
+    """What padded row lengths and packed lengths are rounded up to: the FP8 GEMM multiple on
+    GPUs, and a multiple of the tensor-parallel size (sequence-parallel regions split the
+    sequence over TP ranks)."""
+    device = 1
+    if cuda:
+        device = MXFP8_PAD_MULTIPLE if model_cfg.fp8 != "none" and model_cfg.fp8_recipe == "mxfp8" else FP8_PAD_MULTIPLE
+    return math.lcm(device, tp_size)
+
+
+def resolve_layout(step_cfg: TrainStepConfig) -> Layout:
+    """The micro-batch layout a run uses: "auto" packs (implemented with Transformer Engine
+    on GPUs and megatron's local attention elsewhere)."""
+    return "padded" if step_cfg.packing == "padded" else "packed"
+
+
+def attention_tokens(hf_config) -> float:
+    """Row length at which a row's causal-attention FLOPs equal those of the rest of a layer:
+    per token, the projections and MLP cost 2 * P_layer and causal attention about
+    2 * L * heads * head_dim (QK^T and PV over half the square)."""
+    hidden = hf_config.hidden_size
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    d = head_dim(hf_config)
+    params_per_layer = hidden * d * (2 * heads + 2 * kv_heads) + 3 * hidden * hf_config.intermediate_size
+    return params_per_layer / (heads * d)
+
+
+def cost_model_for(hf_config, model_cfg: ModelConfig, step_cfg: TrainStepConfig, st: ParallelState) -> CostModel:
+    return CostModel(
+        layout=resolve_layout(step_cfg),
+        pad_multiple=pad_multiple(model_cfg, st.tp_size, st.device.type == "cuda"),
+        attention_tokens=attention_tokens(hf_config),
+    )
 
 
 class _StageModel:
@@ -105,9 +144,16 @@ class _StageModel:
             for name, values in (extra or {}).items():
                 if values:
                     kwargs[name] = [values.get(i) for i in idx]  # rows without values stay 0
-            out.append(build_microbatch([rows[i] for i in idx], idx, pad_to_multiple=GPU_PAD_MULTIPLE
-                                        if torch.cuda.is_available() else 1, **kwargs))
+            out.append(build_microbatch([rows[i] for i in idx], idx, pad_to_multiple=self.cost_model.pad_multiple,
+                                        layout=self.cost_model.layout, **kwargs))
         return out
+
+    def local_rows(self, rows: Sequence[TrainRow], indices: Sequence[int]) -> list[int]:
+        """The rows of ``indices`` this data-parallel rank works on: SFT and RL rows each
+        balanced over the ranks by their work under this model's cost model."""
+        return balanced_split(
+            row_lengths(rows), indices, self.st.dp_size, kinds=[r.kind for r in rows], cost_model=self.cost_model
+        )[self.st.dp_rank]
 
     @torch.no_grad()
     def forward_logprobs(
@@ -196,12 +242,7 @@ class MegatronPolicy(_StageModel):
         self.model_cfg = model_cfg
         self.step_cfg = step_cfg
         self.st = st
-        if step_cfg.packing == "packed":
-            raise NotImplementedError(
-                "THD sequence packing is not wired yet; set train.step.packing=padded (or auto)"
-            )
-        # "auto" pads until THD packing is wired, with or without TE: start-up never stops on it.
-        self.cost_model: CostModel = "padded"
+        self.cost_model = cost_model_for(hf_config, model_cfg, step_cfg, st)
         self.module = build_gpt_model(
             hf_config, model_cfg, tp=st.tp_size, pp=st.pp_size, pp_rank=st.pp_rank
         )
@@ -377,7 +418,7 @@ class FrozenModel(_StageModel):
         self.model_cfg = model_cfg
         self.step_cfg = step_cfg
         self.st = st
-        self.cost_model = "padded"
+        self.cost_model = cost_model_for(hf_config, model_cfg, step_cfg, st)
         self.module = build_gpt_model(hf_config, model_cfg, tp=st.tp_size, pp=st.pp_size, pp_rank=st.pp_rank)
         for p in self.module.parameters():
             p.requires_grad_(False)

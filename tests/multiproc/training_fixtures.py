@@ -42,7 +42,40 @@ def mixed_rows(seed: int = 0, vocab: int = 480) -> list[TrainRow]:
     return rows
 
 
-def _policy(hf_dir: str, tp: int, pp: int, max_tokens: int, lr: float = 1e-3, skip_above: float = 80.0):
+def long_tailed_rows(seed: int = 0, vocab: int = 480) -> list[TrainRow]:
+    """A mixed SFT + RL mini-batch with long-tailed lengths (HPT's shape, scaled down): 2
+    prompts switched to SFT with long demonstrations, 4 RL groups of 3 rollouts whose
+    response lengths are log-normal (a few long ones among many short ones)."""
+    rng = random.Random(seed)
+
+    def ids(n):
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    rows = []
+    for g in range(6):
+        prompt = ids(rng.randint(5, 40))
+        if g in (1, 4):
+            rows.append(TrainRow(prompt_ids=prompt, response_ids=ids(rng.randint(150, 300)), kind="sft", group=g))
+            continue
+        rewards = [1.0, 0.0, rng.choice([0.0, 1.0])]
+        mean = sum(rewards) / 3
+        for r in rewards:
+            n = min(300, max(2, int(rng.lognormvariate(3.0, 1.0))))
+            rows.append(
+                TrainRow(
+                    prompt_ids=prompt,
+                    response_ids=ids(n),
+                    kind="rl",
+                    advantage=r - mean,
+                    group=g,
+                    rollout_logprobs=[-rng.uniform(4.0, 8.0) for _ in range(n)],
+                )
+            )
+    return rows
+
+
+def _policy(hf_dir: str, tp: int, pp: int, max_tokens: int, lr: float = 1e-3, skip_above: float = 80.0,
+            packing: str = "padded"):
     from megatron_hpt.models import ModelConfig, load_hf_config
     from megatron_hpt.parallel import ParallelConfig, init_parallel
     from megatron_hpt.training.config import OptimizerSettings, TrainStepConfig
@@ -54,18 +87,11 @@ def _policy(hf_dir: str, tp: int, pp: int, max_tokens: int, lr: float = 1e-3, sk
     step_cfg = TrainStepConfig(
         optimizer=OptimizerSettings(lr=lr, skip_grad_norm_above=skip_above),
         max_tokens_per_microbatch=max_tokens,
-        packing="padded",
+        packing=packing,
     )
     policy = MegatronPolicy(hf, ModelConfig(hf_path=hf_dir), step_cfg, st, total_optimizer_steps=10)
     load_hf_weights(policy.module, st, hf, hf_dir)
     return st, policy
-
-
-def _local_rows(st, rows):
-    from megatron_hpt.training.batching import balanced_split
-    from megatron_hpt.training.policy import row_lengths
-
-    return balanced_split(row_lengths(rows), range(len(rows)), st.dp_size)[st.dp_rank]
 
 
 def hpt_grads(hf_dir: str, tp: int, pp: int, max_tokens: int, preset: str = "hpt"):
@@ -77,7 +103,7 @@ def hpt_grads(hf_dir: str, tp: int, pp: int, max_tokens: int, preset: str = "hpt
 
     st, policy = _policy(hf_dir, tp, pp, max_tokens)
     rows = mixed_rows()
-    local = _local_rows(st, rows)
+    local = policy.local_rows(rows, range(len(rows)))
     loss_cfg = replace(get_preset(preset), entropy_coef=0.01)
     old = policy.forward_logprobs(rows, local, temperature=1.0)
     metrics = policy.backward_minibatch(
@@ -91,6 +117,31 @@ def hpt_grads(hf_dir: str, tp: int, pp: int, max_tokens: int, preset: str = "hpt
         grads = full if st.tp_rank == 0 else {}
     old_all = broadcast_from_last_stage({i: v[0] for i, v in old.items()}, st)
     return {"metrics": metrics, "grads": grads, "old": old_all, "rank": st.rank}
+
+
+def layout_run(hf_dir: str, tp: int, pp: int, max_tokens: int, packing: str):
+    """Per-row log-probs and entropy (forward-only), loss metrics and full-layout gradients
+    (training step, HPT preset with an entropy bonus) of the long-tailed mixed batch, in the
+    given micro-batch layout; also the micro-batch shapes this rank ran."""
+    from megatron_hpt.losses import get_preset
+    from megatron_hpt.training.hf_weights import gather_stage_full_layout
+    from megatron_hpt.training.policy import broadcast_from_last_stage
+
+    st, policy = _policy(hf_dir, tp, pp, max_tokens, packing=packing)
+    rows = long_tailed_rows()
+    local = policy.local_rows(rows, range(len(rows)))
+    forward = policy.forward_logprobs(rows, local, temperature=0.9, with_entropy=True)
+    forward = broadcast_from_last_stage(forward, st)
+    shapes = [tuple(mb.tokens.shape) for mb in policy._microbatches(rows, local)]
+    loss_cfg = replace(get_preset("hpt"), entropy_coef=0.01)
+    old = {i: lp - 0.05 * ent for i, (lp, ent) in forward.items()}  # ratios away from 1
+    metrics = policy.backward_minibatch(rows, range(len(rows)), local, loss_cfg, temperature=0.9, old_logp=old)
+    grads = {}
+    if st.dp_rank == 0:
+        full = gather_stage_full_layout(policy.module, st, {n: p.main_grad for n, p in policy.module.named_parameters()})
+        grads = full if st.tp_rank == 0 else {}
+    return {"forward": forward, "metrics": metrics, "grads": grads, "shapes": shapes, "local": local,
+            "layout": policy.cost_model.layout}
 
 
 def step0_ratio(hf_dir: str):
@@ -161,3 +212,26 @@ def checkpoint_survives_a_failed_save(hf_dir: str, root: str):
 
     return {"died": died, "moved": moved, "latest": latest.name, "state": state, "restored": restored,
             "after": sorted(os.listdir(root))}
+
+
+def packed_logits_and_hf(hf_dir: str, lengths: list[int], pad_to_multiple: int):
+    """Logits of rows of the given lengths packed into one sequence (megatron's THD path,
+    the local attention), unpacked per row, and HF transformers' logits of each row alone."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_hpt.training.batching import build_microbatch
+    from megatron_hpt.training.forward import _model_forward
+    from tests.multiproc.megatron_fixtures import build_loaded_model
+
+    st, model = build_loaded_model(hf_dir, 1, 1)
+    rng = random.Random(sum(lengths))
+    seqs = [[rng.randrange(3, 500) for _ in range(n + 1)] for n in lengths]
+    rows = [TrainRow(prompt_ids=s[:1], response_ids=s[1:], kind="sft") for s in seqs]
+    mb = build_microbatch(rows, list(range(len(rows))), layout="packed", pad_to_multiple=pad_to_multiple)
+    model.eval()
+    with torch.no_grad():
+        logits = _model_forward(model, mb)[0]  # [S, V]
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        ref = [hf(torch.tensor([s[:-1]])).logits[0] for s in seqs]
+    ours = [logits[mb.packed.index[b, :n]] for b, n in enumerate(lengths)]
+    return ours, ref, tuple(mb.tokens.shape)

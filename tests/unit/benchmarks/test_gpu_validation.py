@@ -85,7 +85,7 @@ def test_training_step_figures_are_consistent(tiny_run):
     results, _, _ = tiny_run
     f = _figures(results, "train/tiny")
     shape = gv.SHAPES["tiny"]
-    assert f["dtype"] == "fp32" and f["ours_layout"] == "padded" and f["sides_freed"]
+    assert f["dtype"] == "fp32" and f["ours_layout"] == "packed" and f["sides_freed"]
     # 6N uses the model's real parameter count (tied embeddings once)
     from transformers import AutoModelForCausalLM
 

@@ -70,3 +70,17 @@ def test_goal_verdicts():
 def test_unknown_benchmark_is_refused(tmp_path, fake_benchmarks):
     with pytest.raises(SystemExit, match="unknown benchmark.*known: logprob_memory"):
         ra.run_all(only=["nope"], out_dir=tmp_path, benchmarks=fake_benchmarks, log=lambda _: None)
+
+
+def test_packing_summary_and_goal():
+    side = {"microbatches": 3, "positions_run": 4651, "fill": 1.0, "budget_fill": 0.757, "step_s_median": 0.8,
+            "tokens_per_s": 5722.0}
+    figures = {"model": "tiny", "rows": 32, "rows_sft": 8, "tokens_per_step": 4683, "row_tokens_median": 117.5,
+               "row_tokens_max": 531, "budget": 2048, "threads": 2, "steps": 3, "packed": side,
+               "padded": {**side, "microbatches": 4, "fill": 0.755}, "ratio_tokens_per_s": 0.95, "ratio_cpu_time": 0.97,
+               "step0_loss_packed": 6.2, "step0_loss_padded": 6.2, "goal_ratio": 1.0}
+    goals = []
+    lines = ra._md_packing(figures, goals)
+    assert "| padded | 4 | 4651 | 75.5% | 75.7% | 0.80 | 5722.0 |" in lines
+    assert goals == [("packed vs padded training step, long-tailed rows, tiny (tokens/s ratio)", "0.950", ">= 1",
+                      "missed by 5%")]
