@@ -100,12 +100,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
     random.setstate(state["python"])
     np_state = state["numpy"]
-    np.random.set_state({
-        "bit_generator": np_state["bit_generator"],
-        "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
-        "has_gauss": np_state["has_gauss"],
-        "gauss": np_state["gauss"],
-    })
+    if isinstance(np_state, tuple):  # written before 0.2: numpy's legacy state tuple
+        np.random.set_state(np_state)
+    else:
+        np.random.set_state({
+            "bit_generator": np_state["bit_generator"],
+            "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        })
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
@@ -117,17 +120,22 @@ def _save_durably(obj: Any, path: Path) -> None:
     fsync_path(path)
 
 
+_NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+"""What a plain numpy array needs to unpickle (no code runs): RNG files written before the
+side files held only tensors store numpy's state tuple with its uint32 key array."""
+
+
 def load_side_file(path: str | Path) -> Any:
     """A checkpoint side file (trainer state, RNG states), read without unpickling code."""
     try:
-        return torch.load(path, weights_only=True)
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = re.search(r"WeightsUnpickler error: (.*?)(?:\. Please|\n|$)", str(e))
         raise CheckpointError(
             f"{path}: refused to load: it holds objects other than tensors and plain values "
             f"({reason.group(1) if reason else type(e).__name__}). Checkpoint side files are read "
-            "without running code from them; a file written by another program, or by an older "
-            "megatron-hpt, cannot be resumed from."
+            "without running code from them; a file written by another program cannot be resumed from."
         ) from None
 
 

@@ -49,5 +49,5 @@ def test_paper_recipe_builds_its_policy_with_te_present(recipe, te_present, tiny
         finally:
             destroy_parallel()
     assert len(te_present) == 1  # the model was built with the TE spec: TE was seen as present
-    assert policy.cost_model == "padded"  # "auto" pads until THD packing is wired
+    assert policy.cost_model.layout == "packed"  # "auto" packs (THD with TE)
     assert policy.lr == cfg.train.step.optimizer.lr == 5e-6

@@ -144,3 +144,14 @@ def test_rng_states_round_trip_through_safe_loading(tmp_path):
     expected = (random.random(), np.random.randn(), np.random.rand(3).tolist(), torch.rand(4).tolist())
     set_rng_state(load_side_file(tmp_path / "rank_00000.pt"))
     assert (random.random(), np.random.randn(), np.random.rand(3).tolist(), torch.rand(4).tolist()) == expected
+
+
+def test_rng_files_of_earlier_versions_still_resume(tmp_path):
+    """Before the side files held only tensors, RNG files stored numpy's legacy state tuple
+    (a uint32 array inside): safe loading reads it and restores the same draws."""
+    np.random.randn()
+    legacy = {**rng_state(), "numpy": np.random.get_state()}
+    torch.save(legacy, tmp_path / "rank_00000.pt")
+    expected = (random.random(), np.random.randn(), np.random.rand(3).tolist(), torch.rand(4).tolist())
+    set_rng_state(load_side_file(tmp_path / "rank_00000.pt"))
+    assert (random.random(), np.random.randn(), np.random.rand(3).tolist(), torch.rand(4).tolist()) == expected
