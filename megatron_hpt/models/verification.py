@@ -10,7 +10,6 @@ processes (gloo), each holding only its shard.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,28 +49,6 @@ class LogitsReport:
             f"({self.dtype}, {self.num_tokens} tokens): max |HF - Megatron| = {self.max_abs_diff:.3e} "
             f"(max |logit| {self.max_abs_logit:.2f}, tolerance {self.tolerance:.3e}) {verdict}"
         )
-
-
-def add_verification_options(parser) -> None:
-    """The options every conversion tool shares: the logit check and overwriting."""
-    parser.add_argument("--no-verify", action="store_true", help="skip the logit check against HF transformers")
-    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="verification: absolute logit tolerance")
-    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
-                        help="verification: tolerance relative to max |logit|")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-
-
-def run_tool(convert, **kwargs) -> int:
-    """A conversion tool's exit code: 0, or 1 with the error (which names the bad input, or
-    the file the storage refused and why) on stderr."""
-    from megatron_hpt.config import ReportedError
-
-    try:
-        convert(**kwargs)
-    except (ReportedError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def verification_tokens(vocab_size: int, *, batch: int = 2, seq: int = 24, seed: int = 1234) -> torch.Tensor:
