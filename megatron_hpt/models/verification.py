@@ -104,7 +104,7 @@ def hf_model_from_checkpoint(ckpt_dir: str | Path, hf_dir: str | Path, dtype: to
 def rank_checkpoint_logits(jobs: list[dict]) -> list:
     """Run on every rank (``run_ranks``), or in one process for TP = PP = 1.
 
-    For each job ``{ckpt_dir, tp, pp, tokens, hf_dir?, precision?, save_to?}``:
+    For each job ``{ckpt_dir, tp, pp, tokens, hf_dir?, round_to?, save_to?}``:
     build the model at that layout (the world is split into data-parallel
     replicas of it), load the checkpoint, compute logits, and with ``save_to``
     save the loaded model again (a checkpoint written by ranks at that layout).
@@ -122,7 +122,7 @@ def rank_checkpoint_logits(jobs: list[dict]) -> list:
             pstate = init_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
             hf_dir = job.get("hf_dir") or checkpoint_hf_dir(job["ckpt_dir"])
             hf = load_hf_config(hf_dir)
-            cfg = ModelConfig(hf_path=str(hf_dir), precision=job.get("precision", "fp32"), transformer_impl="local")
+            cfg = ModelConfig(hf_path=str(hf_dir), precision="fp32", transformer_impl="local")
             model = build_gpt_model(hf, cfg, tp=tp, pp=pp, pp_rank=pstate.pp_rank)
             load_model_checkpoint(model, job["ckpt_dir"])
             round_parameters(model, job.get("round_to"))
