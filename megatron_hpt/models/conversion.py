@@ -124,6 +124,18 @@ def _save_full_layout(ckpt_dir: Path, layout: CheckpointLayout, tensors: Iterato
     writer.save(ckpt_dir)
 
 
+def _open_checkpoint(ckpt_dir: Path, hf_config_dir, layout_to_check: tuple[int, int] | None):
+    """A dist checkpoint to convert: (the directory of its HF config and tokenizer -- its own
+    ``hf/`` unless ``hf_config_dir`` is given --, the HF config, a reader). The TP x PP
+    ``layout_to_check`` must divide the model; the reader checks every tensor's presence and
+    shape up front."""
+    config_dir = Path(hf_config_dir) if hf_config_dir else checkpoint_hf_dir(ckpt_dir)
+    hf = load_hf_config(config_dir)
+    if layout_to_check is not None:
+        check_parallel_layout(hf, *layout_to_check)
+    return config_dir, hf, FullLayoutReader(ckpt_dir, CheckpointLayout.from_hf(hf))
+
+
 def _to_megatron(
     out_dir: Path,
     what: str,
@@ -242,11 +254,8 @@ def reshard_checkpoint(
         src_written_at = read_checkpoint_metadata(src_dir).get("written_at")
     except FileNotFoundError:  # a checkpoint saved without our metadata (the trainer's)
         src_written_at = None
-    config_dir = Path(hf_config_dir) if hf_config_dir else checkpoint_hf_dir(src_dir)
-    hf = load_hf_config(config_dir)
-    check_parallel_layout(hf, tp, pp)
-    layout = CheckpointLayout.from_hf(hf)
-    reader = FullLayoutReader(src_dir, layout)
+    config_dir, _hf, reader = _open_checkpoint(src_dir, hf_config_dir, (tp, pp))
+    layout = reader.layout
     cast = parse_dtype(dtype)
 
     def weights() -> Iterator[tuple]:
@@ -292,11 +301,7 @@ def convert_megatron_to_hf(
     ``hf_config_dir``). Verified by comparing the written HF model with the checkpoint
     loaded at ``verify_tp`` x ``verify_pp``."""
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    config_dir = Path(hf_config_dir) if hf_config_dir else checkpoint_hf_dir(ckpt_dir)
-    hf = load_hf_config(config_dir)
-    if verify:
-        check_parallel_layout(hf, verify_tp, verify_pp)
-    reader = FullLayoutReader(ckpt_dir, CheckpointLayout.from_hf(hf))  # checks every tensor's presence and shape
+    config_dir, hf, reader = _open_checkpoint(ckpt_dir, hf_config_dir, (verify_tp, verify_pp) if verify else None)
     cast = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
     shapes = {name: exp.shape for name, exp in hf_expected_shapes(hf).items()}
