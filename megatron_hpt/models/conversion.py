@@ -164,6 +164,7 @@ def _to_megatron(
             written_at={
                 "tensor_model_parallel_size": 1,
                 "pipeline_model_parallel_size": 1,
+                # the tool's name, as every checkpoint written so far records it
                 "writer": f"checkpoints_tools.{tool} (full layout, one process)",
             },
             source=source,
