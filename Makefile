@@ -80,7 +80,7 @@ test: $(STAMP) $(LAUNCH_STAMP) $(MCORE019_STAMP) slurm-local
 MCORE019_TESTS := tests/unit/compat tests/unit/parallel tests/unit/models tests/unit/training \
 	tests/unit/checkpoints_tools/test_conversion.py tests/unit/trainer/test_recipe_startup.py \
 	tests/unit/trainer/test_old_logprobs_microbatches.py tests/unit/benchmarks/test_gpu_validation.py \
-	tests/multiproc
+	tests/e2e/test_gpu_validation.py tests/multiproc
 test-mcore019: $(MCORE019_STAMP)
 	$(MCORE019_PY) -m pytest -m "not slow and not peer" $(PYTEST_ARGS) $(MCORE019_TESTS)
 

@@ -41,7 +41,7 @@ def model_dir(name: str) -> Path:
         from megatron_hpt.models.tiny import create_tiny_model
 
         return create_tiny_model(out)
-    from checkpoints_tools.import_smollm2 import import_smollm2
+    from megatron_hpt.models.smollm2 import import_smollm2
 
     return import_smollm2(out, overwrite=True, log=lambda msg: None)
 

@@ -159,7 +159,7 @@ def run(quick: bool = False) -> dict:
             "generate_seconds": gen_s,
         }
         imports = _run_measured([py, "-c", "import torch, megatron.core, transformers, safetensors, "
-                                 "megatron_hpt.models.checkpoint_format, checkpoints_tools"])
+                                 "megatron_hpt.models.conversion, checkpoints_tools"])
         results["import_rss"] = imports["peak_rss"]
         runs = {
             "hf_to_megatron": [py, "-m", "checkpoints_tools.hf_to_megatron", str(hf_dir), str(work / "mg"),

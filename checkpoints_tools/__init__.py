@@ -6,24 +6,22 @@
 - ``python -m checkpoints_tools.make_tiny_model OUT [--architecture ...]``
 - ``python -m checkpoints_tools.import_smollm2 OUT``
 
-Each is also a function (``convert_hf_to_megatron``, ``convert_megatron_to_hf``,
-``reshard_checkpoint``, ``import_smollm2``). Conversions verify logits against
-HF transformers unless told not to. The tools use the package; the package
-never imports them.
+Each is also ``megatron-hpt convert <tool>``. These modules are command lines only:
+the conversions live in the package (``megatron_hpt.models.conversion``, verified
+by ``megatron_hpt.models.verification``; the parsers in
+``megatron_hpt.models.conversion_cli``) and are re-exported here for scripts that
+import them from this package. The tools use the package; the package never
+imports them.
 """
 
-from checkpoints_tools.hf_to_megatron import convert_hf_to_megatron
-from checkpoints_tools.import_smollm2 import import_smollm2
-from checkpoints_tools.megatron_to_hf import convert_megatron_to_hf
-from checkpoints_tools.reshard import reshard_checkpoint
-from checkpoints_tools.verify import LogitsMismatch, LogitsReport, verify_checkpoint
+from megatron_hpt.models.conversion import convert_hf_to_megatron, convert_megatron_to_hf, reshard_checkpoint
+from megatron_hpt.models.verification import LogitsMismatch, LogitsReport, verify_checkpoint
 
 __all__ = [
     "LogitsMismatch",
     "LogitsReport",
     "convert_hf_to_megatron",
     "convert_megatron_to_hf",
-    "import_smollm2",
     "reshard_checkpoint",
     "verify_checkpoint",
 ]

@@ -3,7 +3,7 @@
     megatron-hpt demo                      the main job on the embedded default, end to end
     megatron-hpt train --recipe R [k=v..]  a training run (under torchrun, or spawning its ranks)
     megatron-hpt eval --recipe R ...       evaluate a checkpoint on the recipe's held-out sets
-    megatron-hpt convert ...               HF <-> Megatron checkpoints (checkpoints_tools)
+    megatron-hpt convert ...               HF <-> Megatron checkpoints (megatron_hpt.models.conversion)
     megatron-hpt algorithms [--recipe R]   the estimator presets in the paper's form; with a recipe,
                                            its loss terms' weights next to the official code's
     megatron-hpt compare ...               several algorithms, same budget, one table
@@ -61,7 +61,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from checkpoints_tools.__main__ import main as convert_main
+    from megatron_hpt.models.conversion_cli import main as convert_main
 
     return convert_main(args.rest)
 

@@ -16,14 +16,6 @@ from megatron_hpt.parallel.collectives import CHECK_ENV
 # this CPU machine (megatron_hpt/parallel/collectives.py).
 os.environ.setdefault(CHECK_ENV, "1")
 
-LLAMA3_ROPE_SCALING = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 64,
-}
-
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory):
@@ -37,7 +29,7 @@ def tiny_qwen2(tmp_path_factory):
 def tiny_hf_models(tmp_path_factory) -> dict[str, Path]:
     """Three tiny random HF checkpoints: Qwen2 (GQA 4/2 heads, qkv bias, untied),
     Qwen2 with tied embeddings, and Llama with Llama-3 rope scaling."""
-    from megatron_hpt.models.tiny import TinyModelSpec, create_tiny_model
+    from megatron_hpt.models.tiny import LLAMA3_ROPE_SCALING, TinyModelSpec, create_tiny_model
 
     root = tmp_path_factory.mktemp("tiny_hf")
     specs = {
@@ -51,7 +43,7 @@ def tiny_hf_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def converted_checkpoints(tiny_hf_models, tmp_path_factory) -> dict[str, Path]:
     """Each tiny model converted by hf_to_megatron (unverified here: the tests verify)."""
-    from checkpoints_tools import convert_hf_to_megatron
+    from megatron_hpt.models.conversion import convert_hf_to_megatron
 
     root = tmp_path_factory.mktemp("converted")
     out = {}

@@ -261,33 +261,6 @@ def _patch_grad_clipping() -> None:
         pass
 
 
-# --------------------------------------------------------------------------- #
-# 6. Distributed optimizer: its buffers, gathers and the fused param-update
-#    path assume CUDA; refused with a clear error rather than failing deep
-#    inside megatron.
-# --------------------------------------------------------------------------- #
-class DistributedOptimizerOnCpuError(RuntimeError):
-    """Raised when the distributed optimizer is asked for on a machine without CUDA."""
-
-
-def _patch_distributed_optimizer() -> None:
-    from megatron.core import optimizer as mopt
-
-    orig = mopt.get_megatron_optimizer
-
-    def get_megatron_optimizer(config, *args, **kwargs):
-        if getattr(config, "use_distributed_optimizer", False):
-            raise DistributedOptimizerOnCpuError(
-                "use_distributed_optimizer=True needs CUDA: megatron-core's distributed "
-                "optimizer shards its state in CUDA buffers. On CPU set "
-                "optimizer.use_distributed_optimizer=false (the plain optimizer gives the "
-                "same updates)."
-            )
-        return orig(config, *args, **kwargs)
-
-    mopt.get_megatron_optimizer = get_megatron_optimizer
-
-
 PATCHES: dict[str, Callable[[], None]] = {
     "device_queries": _patch_device_queries,
     "current_stream": _patch_current_stream,

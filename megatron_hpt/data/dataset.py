@@ -192,12 +192,6 @@ class PromptDataset(Sequence[Prompt]):
         for i in range(len(self)):
             yield self[i]
 
-    def prompt_lengths(self) -> np.ndarray:
-        return self._prompts.lengths()
-
-    def demonstration_lengths(self) -> np.ndarray:
-        return self._demos.lengths()
-
 
 def _cache_key(fingerprint: str, tokenizer_fp: str, cfg: DatasetConfig) -> str:
     parts = {

@@ -84,7 +84,3 @@ class TrainBatch:
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    @property
-    def num_response_tokens(self) -> int:
-        return sum(len(r.response_ids) for r in self.rows)

@@ -23,7 +23,6 @@ from megatron_hpt.losses.estimator import (
     LossInputs,
     LossNormalizers,
     TermWeights,
-    select_rows,
     term_weights,
     unified_loss,
 )
@@ -43,7 +42,6 @@ __all__ = [
     "get_preset",
     "hpt_switch",
     "presets_table",
-    "select_rows",
     "term_weights",
     "unified_loss",
 ]

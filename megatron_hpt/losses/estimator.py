@@ -24,7 +24,6 @@ position t); a tensor without a suffix is a scalar.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -581,12 +580,3 @@ def _on_policy_surrogate(
             metrics["tis/weight_max"] = torch.where(on_mask_BT, raw_BT, 0.0).max()
             loss_BT = loss_BT * tis_BT
     return loss_BT
-
-
-def select_rows(inputs: LossInputs, rows: torch.Tensor | slice) -> LossInputs:
-    """The rows ``rows`` of every tensor in ``inputs`` (to split a batch into micro-batches)."""
-    changes = {}
-    for f in dataclasses.fields(inputs):
-        t = getattr(inputs, f.name)
-        changes[f.name] = t[rows] if t is not None else None
-    return LossInputs(**changes)

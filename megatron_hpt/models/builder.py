@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from megatron_hpt.config import InputNotFoundError, checks
-from megatron_hpt.models.architectures import ArchSpec, arch_for, head_dim
+from megatron_hpt.models.architectures import arch_for, head_dim
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -333,7 +333,3 @@ def mark_tensor_parallel_params(model) -> None:
             weight.tensor_model_parallel = True
             weight.partition_dim = dim
             weight.partition_stride = 1
-
-
-def arch_spec(hf) -> ArchSpec:
-    return arch_for(hf)

@@ -37,8 +37,6 @@ import signal
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
-
 from megatron_hpt.config import ReportedError
 from megatron_hpt.models.hf_checkpoint import copy_aux_files, dtype_name
 

@@ -26,7 +26,6 @@ from megatron_hpt.models.architectures import (
     arch_for,
     hf_layer_names,
     hf_layer_to_megatron,
-    megatron_layer_to_hf,
     megatron_role_to_hf,
     mg_layer_names,
 )
@@ -42,14 +41,6 @@ def attention_shape(hf) -> AttentionShape:
         num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
         head_dim=head_dim(hf),
     )
-
-
-def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
-    """Global layer indices held by pipeline stage ``pp_rank`` (even split)."""
-    if num_layers % pp_size:
-        raise ValueError(f"num_layers={num_layers} is not divisible by pipeline size {pp_size}")
-    per = num_layers // pp_size
-    return range(pp_rank * per, (pp_rank + 1) * per)
 
 
 def role_of(name: str) -> tuple[str, str]:
@@ -167,23 +158,6 @@ def hf_to_full_layout(hf, get_hf: Callable[[str], torch.Tensor]) -> Iterator[tup
     yield MG_FINAL_NORM, get_hf(HF_FINAL_NORM)
     if not tied:
         yield MG_OUTPUT, get_hf(HF_LM_HEAD)
-
-
-def full_layout_to_hf(hf, get_mg: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor) from full-layout Megatron tensors, layer by layer."""
-    spec = arch_for(hf)
-    bias = spec.qkv_bias(hf)
-    shape = attention_shape(hf)
-    tied = bool(getattr(hf, "tie_word_embeddings", False))
-    yield HF_EMBED, get_mg(MG_EMBED)
-    for i in range(hf.num_hidden_layers):
-        mg_names = mg_layer_names(i, bias)
-        out = megatron_layer_to_hf({role: get_mg(n) for role, n in mg_names.items()}, shape, bias)
-        for role, name in hf_layer_names(i, bias).items():
-            yield name, out[role]
-    yield HF_FINAL_NORM, get_mg(MG_FINAL_NORM)
-    if not tied:
-        yield HF_LM_HEAD, get_mg(MG_OUTPUT)
 
 
 def hf_to_roles(

@@ -171,10 +171,6 @@ class RewardPool:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @property
-    def worker_pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers]
-
     def score_batch(self, items: Sequence) -> list[RewardResult]:
         """Scores in input order. Items: RewardItem or (response, ground_truth[, style])."""
         batch = [_as_item(item) for item in items]

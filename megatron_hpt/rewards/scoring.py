@@ -20,7 +20,7 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Iterator, Literal, get_args
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
@@ -41,7 +41,7 @@ wrong: parsed and compared, not equal;
 worker_crash: the scoring process died on this item (after the retries);
 scorer_error: the scorer raised (a bug; the traceback is logged)."""
 
-REASONS: tuple[str, ...] = ("no_box", "parse_error", "timeout", "wrong", "worker_crash", "scorer_error")
+REASONS: tuple[str, ...] = tuple(reason for reason in get_args(RewardReason) if reason)
 
 MATH_STYLES = ("math", "rule")
 """Reward styles verified with math-verify ("rule" is the paper's schema value)."""
@@ -56,7 +56,7 @@ class RewardResult:
 
     score: float
     """1.0 correct, 0.0 otherwise."""
-    reason: str = ""
+    reason: RewardReason = ""
     """Empty when correct; one of ``REASONS`` when the score is 0."""
     extracted: str | None = None
     """The answer taken from the response (box content or choice letter), if any."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def run_demo(overrides: list[str] | None = None, output_dir: str = "runs/demo", recipe: str = "demo-cpu") -> Path:
-    from checkpoints_tools.hf_to_megatron import convert_hf_to_megatron
+    from megatron_hpt.models.conversion import convert_hf_to_megatron
     from megatron_hpt.models.tiny import create_tiny_model
     from megatron_hpt.trainer.launch import launch_training
 

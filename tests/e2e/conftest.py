@@ -33,7 +33,7 @@ DETERMINISTIC = ("loss/total", "loss/sft", "loss/pg", "train/grad_norm", "rollou
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory, tiny_qwen2):
     """The tiny HF model and its verified Megatron conversion."""
-    from checkpoints_tools.hf_to_megatron import convert_hf_to_megatron
+    from megatron_hpt.models.conversion import convert_hf_to_megatron
 
     out = tmp_path_factory.mktemp("demo_models")
     megatron_dir = out / "megatron"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from checkpoints_tools import convert_megatron_to_hf, reshard_checkpoint
-from checkpoints_tools.verify import hf_logits, rank_checkpoint_logits, verification_tokens
+from megatron_hpt.models.conversion import convert_megatron_to_hf, reshard_checkpoint
+from megatron_hpt.models.verification import hf_logits, rank_checkpoint_logits, verification_tokens
 from megatron_hpt.parallel.launch import run_ranks
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]

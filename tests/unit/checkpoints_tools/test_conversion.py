@@ -14,19 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints_tools import (
-    LogitsMismatch,
-    convert_hf_to_megatron,
-    convert_megatron_to_hf,
-    reshard_checkpoint,
-    verify_checkpoint,
-)
 from checkpoints_tools import hf_to_megatron as hf_to_megatron_cli
 from checkpoints_tools import make_tiny_model as make_tiny_model_cli
 from checkpoints_tools import megatron_to_hf as megatron_to_hf_cli
 from checkpoints_tools import reshard as reshard_cli
 from megatron_hpt.models.checkpoint import read_checkpoint_metadata
+from megatron_hpt.models.conversion import convert_hf_to_megatron, convert_megatron_to_hf, reshard_checkpoint
 from megatron_hpt.models.hf_checkpoint import SAFE_INDEX
+from megatron_hpt.models.verification import LogitsMismatch, verify_checkpoint
 
 QUIET = dict(log=lambda *_: None)
 

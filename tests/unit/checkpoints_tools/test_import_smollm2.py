@@ -11,8 +11,9 @@ import json
 
 import pytest
 
-from checkpoints_tools import convert_hf_to_megatron, import_smollm2, verify_checkpoint
-from checkpoints_tools.import_smollm2 import smollm2_gguf
+from megatron_hpt.models.conversion import convert_hf_to_megatron
+from megatron_hpt.models.smollm2 import import_smollm2, smollm2_gguf
+from megatron_hpt.models.verification import verify_checkpoint
 
 
 def test_locates_the_gguf_and_says_how_to_install(monkeypatch):

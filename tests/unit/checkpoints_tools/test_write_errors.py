@@ -12,9 +12,9 @@ import os
 import pytest
 import torch
 
-from checkpoints_tools import convert_hf_to_megatron, convert_megatron_to_hf
 from megatron_hpt.cli import main as cli_main
 from megatron_hpt.models.checkpoint import CheckpointWriteError, naming_write_errors
+from megatron_hpt.models.conversion import convert_hf_to_megatron, convert_megatron_to_hf
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
 QUIET = dict(log=lambda *_: None)

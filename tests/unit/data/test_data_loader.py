@@ -126,7 +126,7 @@ def test_length_filter_counts_what_it_drops(tok, tmp_path):
     rows = [_row(i, question="What is 2 + 3?" + " and 1" * (i % 4)) for i in range(12)]
     path = _write_jsonl(tmp_path / "d.jsonl", rows)
     full = load_prompts(_cfg(path, tmp_path), tok)
-    lengths = full.prompt_lengths()
+    lengths = np.array([len(p.prompt_ids) for p in full])
     limit = int(np.median(lengths))
     cut = load_prompts(_cfg(path, tmp_path, max_prompt_length=limit), tok)
     assert cut.report.num_prompt_too_long == int((lengths > limit).sum()) > 0

@@ -201,7 +201,7 @@ def test_trainer_style_checkpoint_converts_with_an_explicit_config(tiny_hf_model
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from safetensors.torch import load_file
 
-    from checkpoints_tools import convert_megatron_to_hf, reshard_checkpoint
+    from megatron_hpt.models.conversion import convert_megatron_to_hf, reshard_checkpoint
 
     hf_dir = tiny_hf_models["qwen2"]
     hf = load_hf_config(hf_dir)

@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_hpt.rollout import SGLangEngine
 from megatron_hpt.rollout.sglang_cpu.contract import load_contract
-from rollout_testlib import ContractChecker, own_engine_config
+from rollout_testlib import ContractChecker, hf_reference_model, own_engine_config
 
 
 @pytest.fixture(scope="session")
@@ -22,10 +21,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def hf_model(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(1)
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return hf_reference_model(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")

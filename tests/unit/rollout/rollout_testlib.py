@@ -96,6 +96,14 @@ def perturbed_weights(model, scale: float = 3.0, seed: int = 1) -> dict[str, tor
     return out
 
 
+def hf_reference_model(model_dir):
+    """The HF model that servers' outputs are checked against (fp32, one thread)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
 def model_with(model_dir, weights: dict[str, torch.Tensor]):
     from transformers import AutoModelForCausalLM
 

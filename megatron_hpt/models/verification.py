@@ -10,7 +10,6 @@ processes (gloo), each holding only its shard.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,28 +49,6 @@ class LogitsReport:
             f"({self.dtype}, {self.num_tokens} tokens): max |HF - Megatron| = {self.max_abs_diff:.3e} "
             f"(max |logit| {self.max_abs_logit:.2f}, tolerance {self.tolerance:.3e}) {verdict}"
         )
-
-
-def add_verification_options(parser) -> None:
-    """The options every conversion tool shares: the logit check and overwriting."""
-    parser.add_argument("--no-verify", action="store_true", help="skip the logit check against HF transformers")
-    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="verification: absolute logit tolerance")
-    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
-                        help="verification: tolerance relative to max |logit|")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
-
-
-def run_tool(convert, **kwargs) -> int:
-    """A conversion tool's exit code: 0, or 1 with the error (which names the bad input, or
-    the file the storage refused and why) on stderr."""
-    from megatron_hpt.config import ReportedError
-
-    try:
-        convert(**kwargs)
-    except (ReportedError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def verification_tokens(vocab_size: int, *, batch: int = 2, seq: int = 24, seed: int = 1234) -> torch.Tensor:
@@ -127,7 +104,7 @@ def hf_model_from_checkpoint(ckpt_dir: str | Path, hf_dir: str | Path, dtype: to
 def rank_checkpoint_logits(jobs: list[dict]) -> list:
     """Run on every rank (``run_ranks``), or in one process for TP = PP = 1.
 
-    For each job ``{ckpt_dir, tp, pp, tokens, hf_dir?, precision?, save_to?}``:
+    For each job ``{ckpt_dir, tp, pp, tokens, hf_dir?, round_to?, save_to?}``:
     build the model at that layout (the world is split into data-parallel
     replicas of it), load the checkpoint, compute logits, and with ``save_to``
     save the loaded model again (a checkpoint written by ranks at that layout).
@@ -145,7 +122,7 @@ def rank_checkpoint_logits(jobs: list[dict]) -> list:
             pstate = init_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
             hf_dir = job.get("hf_dir") or checkpoint_hf_dir(job["ckpt_dir"])
             hf = load_hf_config(hf_dir)
-            cfg = ModelConfig(hf_path=str(hf_dir), precision=job.get("precision", "fp32"), transformer_impl="local")
+            cfg = ModelConfig(hf_path=str(hf_dir), precision="fp32", transformer_impl="local")
             model = build_gpt_model(hf, cfg, tp=tp, pp=pp, pp_rank=pstate.pp_rank)
             load_model_checkpoint(model, job["ckpt_dir"])
             round_parameters(model, job.get("round_to"))
